@@ -1,0 +1,84 @@
+"""napari-sam: Segment Anything on microscopy stacks.
+
+The public API is imported lazily: ``import napari_sam`` loads neither torch, napari nor
+Qt. The first access to a name below imports only the module that defines it.
+
+Examples
+--------
+>>> import napari_sam as ns
+>>> stack = ns.open_stack("cells.tif")                  # doctest: +SKIP
+>>> model = ns.load_model("vit_b")                      # doctest: +SKIP
+>>> seg = ns.Segmenter(model, stack, cache="cells.embeddings.zarr")  # doctest: +SKIP
+>>> mask = seg.segment(12, points=[[120, 80]], point_labels=[1])     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    # models
+    "load_model": "models",
+    "SamModel": "models",
+    "Architecture": "models",
+    "REGISTRY": "models",
+    "list_models": "models",
+    "default_model_name": "models",
+    # stacks
+    "open_stack": "stacks",
+    "Stack": "stacks",
+    # engine
+    "EmbeddingCache": "embeddings",
+    "Embedding": "embeddings",
+    "Segmenter": "segment",
+    "Prediction": "segment",
+    # labels
+    "paint": "labels",
+    "undo": "labels",
+    "redo": "labels",
+    "PaintResult": "labels",
+    "UndoRecord": "labels",
+    "LabelHistory": "labels",
+    # errors
+    "NapariSamError": "_errors",
+    "InvalidInputError": "_errors",
+    "CheckpointError": "_errors",
+    "ChecksumError": "_errors",
+    "DownloadError": "_errors",
+    "StackError": "_errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'napari_sam' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"napari_sam.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from ._errors import (
+        CheckpointError,
+        ChecksumError,
+        DownloadError,
+        InvalidInputError,
+        NapariSamError,
+        StackError,
+    )
+    from .embeddings import Embedding, EmbeddingCache
+    from .labels import LabelHistory, PaintResult, UndoRecord, paint, redo, undo
+    from .models import REGISTRY, Architecture, SamModel, default_model_name, list_models, load_model
+    from .segment import Prediction, Segmenter
+    from .stacks import Stack, open_stack
