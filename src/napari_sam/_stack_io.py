@@ -1,0 +1,464 @@
+"""Readers behind :func:`napari_sam.stacks.open_stack`: TIFF and zarr / OME-Zarr sources.
+
+Each reader returns a :class:`SourceInfo`: a lazy array plus the axes, pixel spacing and
+units found in the file's metadata. Nothing here reads pixel data: TIFF files are opened
+through tifffile's zarr interface, so a later ``data[index]`` decodes only the pages (and
+strips / tiles) that the index touches. zarr and tifffile are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._errors import StackError
+
+__all__ = [
+    "SourceInfo",
+    "infer_axes",
+    "check_axes",
+    "from_array",
+    "open_path",
+    "open_tiff",
+    "open_zarr_path",
+    "from_zarr_node",
+    "axes_from_names",
+]
+
+# letters given to slice axes whose meaning is unknown, in order of preference
+_UNKNOWN_FIRST = "ZT"
+_POOL = "ABDEFGHJKLMNOPQRUVW"
+_UM = "µm"
+_UNIT_ALIASES = {
+    "micron": _UM,
+    "microns": _UM,
+    "um": _UM,
+    "\\u00b5m": _UM,
+    "micrometer": _UM,
+    "micrometre": _UM,
+    "µm": _UM,
+    "μm": _UM,  # greek mu
+    "pixel": None,
+    "pixels": None,
+    "": None,
+}
+
+
+@dataclass
+class SourceInfo:
+    """What a reader found: the lazy array and its metadata (one entry per axis)."""
+
+    data: Any
+    axes: str | None
+    scale: tuple[float, ...] | None = None
+    units: tuple[str | None, ...] | None = None
+    rgb_hint: bool = False  # the file says its C axis holds RGB(A) samples
+    source: str = "array"
+    path: str | None = None  # set for file sources: used to reopen after pickling
+    handle: Any = field(default=None, repr=False)  # open file to close with the stack
+
+
+def _unit(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return _UNIT_ALIASES.get(text.lower(), text)
+
+
+def _fill_unknown(letters: list[str | None], prefer: list[str]) -> str:
+    """Give a unique slice-axis letter to every ``None`` in `letters`.
+
+    `prefer` holds, per position, the pool to draw from first ("ZT" for unknown axes,
+    "" for axes that must not be mistaken for Z or T).
+    """
+    used = {a for a in letters if a is not None}
+    out = []
+    for a, first in zip(letters, prefer):
+        if a is None:
+            a = next(c for c in first + _POOL if c not in used)
+            used.add(a)
+        out.append(a)
+    return "".join(out)
+
+
+def map_tiff_axes(axes: str) -> tuple[str, bool]:
+    """Map tifffile's axes letters to napari-sam's.
+
+    ``S`` (samples: RGB(A)) becomes ``C``; a tifffile ``C`` next to an ``S`` becomes a
+    slice axis with a letter outside ``Z``/``T``; ``Q`` (unknown), ``I`` (image sequence)
+    and repeated letters become the first unused of ``Z``, ``T``, then other letters.
+    Returns the axes and whether the file has an RGB(A) sample axis.
+    """
+    has_s = "S" in axes
+    letters: list[str | None] = []
+    prefer: list[str] = []
+    for a in axes:
+        if a == "S":
+            letters.append("C")
+            prefer.append("")
+        elif a == "C" and has_s:
+            letters.append(None)
+            prefer.append("")
+        elif a in "QI" or a in letters:
+            letters.append(None)
+            prefer.append(_UNKNOWN_FIRST)
+        else:
+            letters.append(a)
+            prefer.append("")
+    return _fill_unknown(letters, prefer), has_s
+
+
+def axes_from_names(names: list[Any], types: list[Any] | None = None) -> str | None:
+    """Axes letters from dimension names (OME-Zarr, zarr v3 ``dimension_names``, xarray).
+
+    ``x``/``y``/``z``/``t``/``c`` (or ``time``/``channel``) map to their letters; an OME
+    axis type of ``channel``/``time``/``space`` is used when the name is unknown; anything
+    else becomes a slice axis. Returns None when the names do not give one Y and one X.
+    """
+    known = {"x": "X", "y": "Y", "z": "Z", "t": "T", "time": "T", "c": "C", "ch": "C",
+             "channel": "C", "channels": "C"}
+    by_type = {"channel": "C", "time": "T", "space": "Z"}
+    letters: list[str | None] = []
+    for i, name in enumerate(names):
+        a = known.get(str(name).lower()) if name is not None else None
+        if a is None and types is not None and types[i] is not None:
+            a = by_type.get(str(types[i]).lower())
+        letters.append(a if a not in letters else None)
+    axes = _fill_unknown(letters, [_UNKNOWN_FIRST] * len(letters))
+    if axes.count("Y") != 1 or axes.count("X") != 1:
+        return None
+    return axes
+
+
+# --------------------------------------------------------------------------- TIFF
+
+
+def _ome_scale(tif: Any, axes: str) -> tuple[list[float], list[str | None]]:
+    scale = [1.0] * len(axes)
+    units: list[str | None] = [None] * len(axes)
+    try:
+        root = ET.fromstring(tif.ome_metadata)
+    except ET.ParseError:
+        return scale, units
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return scale, units
+    for letter, key, default_unit in (
+        ("X", "PhysicalSizeX", _UM),
+        ("Y", "PhysicalSizeY", _UM),
+        ("Z", "PhysicalSizeZ", _UM),
+        ("T", "TimeIncrement", "s"),
+    ):
+        value = pixels.get(key)
+        if value is None or letter not in axes:
+            continue
+        try:
+            size = float(value)
+        except ValueError:
+            continue
+        if math.isfinite(size) and size > 0:
+            i = axes.index(letter)
+            scale[i] = size
+            units[i] = _unit(pixels.get(key + "Unit", default_unit))
+    return scale, units
+
+
+def _imagej_scale(tif: Any, axes: str) -> tuple[list[float], list[str | None]]:
+    scale = [1.0] * len(axes)
+    units: list[str | None] = [None] * len(axes)
+    meta = tif.imagej_metadata or {}
+    unit = _unit(meta.get("unit"))
+    page = tif.pages.first
+    for letter, tag in (("X", "XResolution"), ("Y", "YResolution")):
+        res = page.tags.get(tag)
+        if res is None or letter not in axes:
+            continue
+        num, den = res.value
+        if num > 0 and den > 0 and (num, den) != (1, 1):
+            scale[axes.index(letter)] = den / num
+        units[axes.index(letter)] = unit
+    for letter, key, u in (("Z", "spacing", unit), ("T", "finterval", "s")):
+        value = meta.get(key)
+        if letter in axes and value is not None:
+            try:
+                size = float(value)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(size) and size > 0:
+                scale[axes.index(letter)] = size
+                units[axes.index(letter)] = u
+    return scale, units
+
+
+def open_tiff(path: str) -> SourceInfo:
+    """Open the first series of a TIFF file (level 0 of a pyramid) as a lazy zarr array.
+
+    Parameters
+    ----------
+    path : str
+        A TIFF, BigTIFF, ImageJ hyperstack or OME-TIFF file.
+
+    Returns
+    -------
+    SourceInfo
+        ``data`` is a read-only ``zarr.Array`` backed by tifffile's ``ZarrTiffStore``
+        (one chunk per page or smaller); the file stays open in ``handle``.
+
+    Raises
+    ------
+    StackError
+        When the file is not a readable TIFF; the message names the path and the reason.
+    """
+    import tifffile
+    import zarr
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as exc:  # tifffile raises TiffFileError, struct.error, ValueError...
+        raise StackError(
+            f"cannot read {path!r} as a TIFF file ({type(exc).__name__}: {exc}); "
+            "open_stack reads TIFF files and zarr / OME-Zarr folders"
+        ) from exc
+    try:
+        if not tif.series:
+            raise StackError(f"TIFF file {path!r} contains no image series")
+        series = tif.series[0]
+        node = zarr.open(series.aszarr(level=0), mode="r")
+        if not hasattr(node, "shape"):  # a group of levels: take level 0
+            node = node["0"]
+        raw_axes = series.axes
+        axes: str | None
+        axes, rgb_hint = map_tiff_axes(raw_axes)
+        if set(raw_axes) <= set("QIYX") and len(raw_axes) <= 5:
+            axes = None  # no axes metadata (only unknowns): the shape rule decides
+        if tif.is_ome and tif.ome_metadata:
+            scale, units = _ome_scale(tif, raw_axes.replace("S", "_"))
+        elif tif.is_imagej:
+            scale, units = _imagej_scale(tif, raw_axes.replace("S", "_"))
+        else:
+            scale, units = [1.0] * len(raw_axes), [None] * len(raw_axes)
+    except StackError:
+        tif.close()
+        raise
+    except Exception as exc:
+        tif.close()
+        raise StackError(
+            f"cannot read {path!r} as a TIFF image ({type(exc).__name__}: {exc})"
+        ) from exc
+    return SourceInfo(
+        data=node,
+        axes=axes,
+        scale=tuple(scale),
+        units=tuple(units),
+        rgb_hint=rgb_hint,
+        source=path,
+        path=path,
+        handle=tif,
+    )
+
+
+# --------------------------------------------------------------------------- zarr
+
+
+def _ome_attrs(attrs: Any) -> dict | None:
+    attrs = dict(attrs)
+    if "ome" in attrs and isinstance(attrs["ome"], dict):  # OME-Zarr 0.5 (zarr v3)
+        attrs = attrs["ome"]
+    multiscales = attrs.get("multiscales")
+    if isinstance(multiscales, list) and multiscales:
+        return multiscales[0]
+    return None
+
+
+def _scale_of(transforms: Any, ndim: int) -> list[float] | None:
+    for t in transforms or []:
+        if isinstance(t, dict) and t.get("type") == "scale" and len(t.get("scale", [])) == ndim:
+            return [float(s) for s in t["scale"]]
+    return None
+
+
+def _from_multiscales(group: Any, ms: dict, source: str, path: str | None) -> SourceInfo:
+    datasets = ms.get("datasets") or []
+    if not datasets:
+        raise StackError(f"OME-Zarr {source!r} lists no datasets in its multiscales metadata")
+    level0 = datasets[0]
+    try:
+        data = group[level0["path"]]
+    except Exception as exc:
+        raise StackError(
+            f"OME-Zarr {source!r}: level 0 array {level0.get('path')!r} cannot be opened ({exc})"
+        ) from exc
+    ndim = len(data.shape)
+    raw = ms.get("axes")
+    axes = None
+    units: list[str | None] = [None] * ndim
+    if isinstance(raw, list) and len(raw) == ndim:
+        names = [a.get("name") if isinstance(a, dict) else a for a in raw]
+        types = [a.get("type") if isinstance(a, dict) else None for a in raw]
+        axes = axes_from_names(names, types)
+        units = [_unit(a.get("unit")) if isinstance(a, dict) else None for a in raw]
+    elif raw is None and ndim == 5:  # OME-Zarr 0.1 / 0.2: always TCZYX
+        axes = "TCZYX"
+    scale = _scale_of(level0.get("coordinateTransformations"), ndim) or [1.0] * ndim
+    outer = _scale_of(ms.get("coordinateTransformations"), ndim)
+    if outer is not None:
+        scale = [a * b for a, b in zip(scale, outer)]
+    scale = [s if math.isfinite(s) and s > 0 else 1.0 for s in scale]
+    return SourceInfo(data=data, axes=axes, scale=tuple(scale), units=tuple(units),
+                      source=source, path=path)
+
+
+def from_zarr_node(node: Any, *, source: str = "zarr", path: str | None = None) -> SourceInfo:
+    """A zarr Array or Group as a source.
+
+    A group with OME-Zarr ``multiscales`` metadata (0.1-0.5) gives level 0 with the axes
+    names and the ``scale`` of its coordinateTransformations; a bioformats2raw layout gives
+    its image ``0``; any other group must hold exactly one array.
+    """
+    import zarr
+
+    if isinstance(node, zarr.Array):
+        names = getattr(node.metadata, "dimension_names", None) or node.attrs.get(
+            "_ARRAY_DIMENSIONS"
+        )
+        axes = None
+        if names is not None and len(names) == node.ndim and all(n is not None for n in names):
+            axes = axes_from_names(list(names))
+        return SourceInfo(data=node, axes=axes, source=source, path=path)
+    ms = _ome_attrs(node.attrs)
+    if ms is not None:
+        return _from_multiscales(node, ms, source, path)
+    members = dict(node.members())
+    child = members.get("0")
+    if isinstance(child, zarr.Group) and _ome_attrs(child.attrs) is not None:
+        return from_zarr_node(child, source=source, path=path)  # bioformats2raw layout
+    arrays = [k for k, v in members.items() if isinstance(v, zarr.Array)]
+    if len(arrays) == 1:
+        return from_zarr_node(members[arrays[0]], source=source, path=path)
+    raise StackError(
+        f"zarr group {source!r} has no OME-Zarr multiscales metadata and holds "
+        f"{len(arrays)} arrays {sorted(arrays)[:10]}; pass one array (e.g. group['name']) "
+        "or its path"
+    )
+
+
+def open_zarr_path(path: str) -> SourceInfo:
+    """Open a zarr v2 / v3 store or an OME-Zarr image read-only."""
+    import zarr
+
+    try:
+        node = zarr.open(path, mode="r")
+    except Exception as exc:
+        raise StackError(
+            f"cannot open {path!r} as a zarr store ({type(exc).__name__}: {exc}); "
+            "open_stack reads TIFF files and zarr / OME-Zarr folders"
+        ) from exc
+    return from_zarr_node(node, source=path, path=path)
+
+
+def open_path(path: str | os.PathLike) -> SourceInfo:
+    """Open a file or folder: folders (and URLs) as zarr, every file as TIFF."""
+    p = os.fspath(path)
+    if "://" in p:
+        return open_zarr_path(p)
+    if not os.path.exists(p):
+        raise FileNotFoundError(2, "image source not found", p)
+    if os.path.isdir(p):
+        return open_zarr_path(p)
+    return open_tiff(p)
+
+
+# --------------------------------------------------------------------------- axes, arrays
+
+
+def infer_axes(shape: Sequence[int]) -> str:
+    """Axes of an array without metadata, from its shape alone.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The array's shape.
+
+    Returns
+    -------
+    str
+        ``YX`` for 2D; ``YXC`` / ``ZYXC`` / ``TZYXC`` when the last dimension is 3 or 4
+        (RGB(A)); else ``ZYX`` (3D), ``ZCYX`` (4D with ``shape[1] <= 4``) or ``TZYX``
+        (other 4D), ``TZCYX`` (5D).
+
+    Raises
+    ------
+    StackError
+        For fewer than 2 or more than 5 dimensions.
+    """
+    shape = tuple(int(s) for s in shape)
+    ndim = len(shape)
+    if ndim < 2:
+        raise StackError(
+            f"an image stack needs at least 2 dimensions (Y, X); got shape {shape}"
+        )
+    if ndim >= 3 and shape[-1] in (3, 4) and ndim <= 5:
+        return {3: "YXC", 4: "ZYXC", 5: "TZYXC"}[ndim]
+    if ndim == 4:
+        return "ZCYX" if shape[1] <= 4 else "TZYX"
+    if ndim > 5:
+        raise StackError(
+            f"cannot guess the axes of a {ndim}D array of shape {shape}; pass axes= with "
+            f"{ndim} letters, e.g. axes='{'ABDEFG'[: ndim - 5]}TZCYX'"
+        )
+    return {2: "YX", 3: "ZYX", 5: "TZCYX"}[ndim]
+
+
+def check_axes(axes: str, shape: tuple[int, ...]) -> str:
+    if not isinstance(axes, str):
+        raise StackError(f"axes must be a string such as 'TZCYX'; got {axes!r}")
+    given = axes
+    axes = axes.upper()
+    if "S" in axes and "C" not in axes:
+        axes = axes.replace("S", "C")  # tifffile's sample axis
+    problem = None
+    if len(axes) != len(shape):
+        problem = f"{len(axes)} letters for {len(shape)} dimensions"
+    elif not axes.isalpha() or not axes.isascii():
+        problem = "axes must be letters"
+    elif len(set(axes)) != len(axes):
+        problem = "repeated letters"
+    elif "Y" not in axes or "X" not in axes:
+        problem = "Y and X must both be present"
+    if problem:
+        raise StackError(
+            f"axes {given!r} do not fit an array of shape {shape}: {problem}. Use one "
+            "letter per dimension from T, Z, C (channel / RGB), Y, X, any other letter "
+            "being a further slice axis; e.g. 'ZYX', 'TZCYX', 'YXC'"
+        )
+    return axes
+
+
+def from_array(source: Any) -> SourceInfo:
+    mod = type(source).__module__.split(".")[0]
+    if isinstance(source, np.ndarray):
+        return SourceInfo(data=source, axes=None, source="numpy")
+    if mod == "dask":
+        return SourceInfo(data=source, axes=None, source="dask")
+    if mod == "zarr":
+        from ._stack_io import from_zarr_node
+
+        return from_zarr_node(source, source="zarr")
+    if hasattr(source, "shape") and hasattr(source, "dtype") and hasattr(source, "__getitem__"):
+        return SourceInfo(data=source, axes=None, source="array")  # h5py, xarray, ...
+    try:
+        arr = np.asarray(source)
+    except Exception as exc:
+        raise StackError(f"cannot open {type(source).__name__} as an image stack: {exc}") from exc
+    if arr.dtype == object:
+        raise StackError(
+            f"cannot open {type(source).__name__} as an image stack; pass a path, a numpy, "
+            "dask or zarr array, or a zarr group"
+        )
+    return SourceInfo(data=arr, axes=None, source="numpy")

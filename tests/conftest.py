@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny SAM checkpoints with random weights, real data, synthetic stacks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("NAPARI_SAM_TEST_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real test data folder (../shared/data); skips when it is absent."""
+    path = _data_dir()
+    if not (path / "dsb2018" / "img2d.tif").exists():
+        pytest.skip(f"real test data not found at {path} (set NAPARI_SAM_TEST_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A small SAM (embed dim 32, depth 2, image size 1024) saved as a state dict."""
+    from napari_sam.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_sam.pth", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    """The tiny SAM loaded through the user-facing loader, on the CPU."""
+    import napari_sam as ns
+
+    return ns.load_model(checkpoint=tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def synthetic_stack() -> np.ndarray:
+    """A (6, 96, 128) uint16 stack of bright blobs on a noisy background."""
+    rng = np.random.default_rng(1)
+    zz, yy, xx = np.mgrid[:6, :96, :128]
+    img = rng.normal(100, 10, (6, 96, 128))
+    for _ in range(8):
+        cz, cy, cx = rng.uniform((0, 10, 10), (6, 86, 118))
+        r = rng.uniform(6, 14)
+        img += 800 * (((zz - cz) * 6) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 < r**2)
+    return img.clip(0, 65535).astype(np.uint16)
