@@ -15,7 +15,10 @@ from ._errors import CheckpointError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["EXPECTED", "PATCH_KEY", "describe_keys", "load_state_dict_file", "sam_state_dict", "state_dict_sha256"]
+__all__ = [
+    "EXPECTED", "PATCH_KEY", "check_keys", "describe_keys", "load_state_dict_file", "sam_state_dict",
+    "state_dict_sha256",
+]
 
 PATCH_KEY = "image_encoder.patch_embed.proj.weight"
 EXPECTED = (
@@ -87,18 +90,35 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, then :func:`sam_state_dict`.
+
+    Raises
+    ------
+    CheckpointError
+        The file is refused by the weights-only unpickler (it may carry code, which is
+        never run), is not a PyTorch file, or holds no SAM state dict.
+    """
+    import warnings
+
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol ..."
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files
         text = str(exc)
-        if "Weights only load failed" in text and "global" in text.lower():
+        if "Weights only load failed" in text:
+            lines = [ln.strip() for ln in text.splitlines()]
+            detail = next((ln for ln in lines if "Unsupported" in ln or "GLOBAL" in ln), "")
             raise CheckpointError(
-                f"checkpoint {str(path)!r} was refused: it is a pickle that carries code or "
-                "objects other than tensors, and napari-sam loads only plain weights "
-                "(torch.load(..., weights_only=True)). If you trust the file, re-save its "
-                "weights with torch.save(state_dict, new_path) and load that"
+                f"checkpoint {str(path)!r} was refused: the safe loader "
+                "torch.load(..., weights_only=True) found more than plain weights in it"
+                + (f" ({detail.split(' Please')[0][:200]})" if detail else "")
+                + ". It may be a pickle that carries code (napari-sam never runs it) or "
+                "objects other than tensors, or not a PyTorch checkpoint at all. If you "
+                "trust the file, load it yourself and re-save the weights with "
+                "torch.save(sam.state_dict(), new_path)"
             ) from exc
         raise CheckpointError(
             f"checkpoint {str(path)!r} could not be read as a PyTorch file "
@@ -107,3 +127,20 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
     return sam_state_dict(obj, f"checkpoint {str(path)!r}")
 
+
+def check_keys(expected: Mapping[str, Any], state: Mapping[str, Any], source: str, arch: str) -> None:
+    """Refuse a state dict that would not load strictly into ``expected``, briefly."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [
+        f"{len(items)} {label}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", wrong))
+        if items
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{source} does not fit a SAM with {arch}: " + "; ".join(problems) + f"; expected {EXPECTED}"
+        )

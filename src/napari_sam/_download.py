@@ -11,6 +11,7 @@ file's absolute path and valid while its size and modification time are unchange
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import urllib.error
@@ -207,7 +208,7 @@ def download(
                             yield chunk
 
                     digests = _hash_stream(chunks(), ("sha256", algorithm))
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
             raise DownloadError(
                 f"could not download the checkpoint of {what} from {url!r}: {reason}. "

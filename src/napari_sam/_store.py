@@ -33,6 +33,7 @@ def open_signature_group(
         it may be the user's data and is never written into.
     """
     import zarr
+    from zarr.errors import ContainsArrayError
 
     from .embeddings import EmbeddingStoreWarning, signature_key
 
@@ -45,9 +46,15 @@ def open_signature_group(
                 f"cache {str(path)!r} exists and is not a napari-sam embedding store "
                 "(no zarr.json); choose a new path such as 'image.embeddings.zarr'"
             )
+    foreign = InvalidInputError(
+        f"cache {str(path)!r} is a zarr that napari-sam did not write (your data?); it is "
+        "never written into: choose a new path such as 'image.embeddings.zarr'"
+    )
     try:
         root = zarr.open_group(path, mode="a", zarr_format=3)
         writable = True
+    except ContainsArrayError:
+        raise foreign from None
     except (PermissionError, OSError) as err:
         if not exists:
             warnings.warn(f"cannot create embedding store {path} ({err}); using memory only",
@@ -58,10 +65,7 @@ def open_signature_group(
     meta = root.attrs.get("napari_sam")
     if meta is None:
         if len(list(root.keys())) > 0:
-            raise InvalidInputError(
-                f"cache {str(path)!r} is a zarr group that napari-sam did not write; "
-                "choose a new path such as 'image.embeddings.zarr'"
-            )
+            raise foreign
         if writable:
             root.attrs["napari_sam"] = {"kind": STORE_KIND, "format_version": signature["format_version"]}
     elif meta.get("kind") != STORE_KIND:

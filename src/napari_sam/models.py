@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _download
-from ._checkpoint import EXPECTED, PATCH_KEY, describe_keys, load_state_dict_file, state_dict_sha256
+from ._checkpoint import EXPECTED, PATCH_KEY, check_keys, describe_keys, load_state_dict_file, state_dict_sha256
 from ._errors import CheckpointError, InvalidInputError
 from ._registry import REGISTRY, ModelSpec
 
@@ -390,25 +390,6 @@ def _resolve(name: str | os.PathLike, *, progress: bool) -> tuple[Path, str | No
     raise _unknown_name(str(name))
 
 
-def _check_keys(expected: Mapping[str, Any], state: Mapping[str, Any], path: Path, arch: Architecture) -> None:
-    """Refuse a state dict that would not load strictly, with a short message."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = [
-        f"{len(items)} {label}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", wrong))
-        if items
-    ]
-    if problems:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} does not fit a SAM with {arch.describe()}: "
-            + "; ".join(problems) + f"; expected {EXPECTED}"
-        )
-
-
 def _finish(sam: Sam, device: torch.device) -> Sam:
     sam.to(device)
     sam.eval()
@@ -516,6 +497,6 @@ def load_model(
     else:
         name = path.name
     sam = build_sam(arch)
-    _check_keys(sam.state_dict(), state, path, arch)
+    check_keys(sam.state_dict(), state, f"checkpoint {str(path)!r}", arch.describe())
     sam.load_state_dict(state, strict=True)
     return SamModel(_finish(sam, dev), arch, str(sha), name, dev, path)
