@@ -103,7 +103,19 @@ def encode_slice(model: "SamModel", rgb: np.ndarray) -> Embedding:
     from segment_anything.utils.transforms import ResizeLongestSide
 
     sam = model.sam
-    transform = ResizeLongestSide(sam.image_encoder.img_size)
+    size = sam.image_encoder.img_size
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise InvalidInputError(
+            f"the encoder takes a (Y, X, 3) uint8 image, got shape {rgb.shape} dtype {rgb.dtype}"
+        )
+    short = ResizeLongestSide.get_preprocess_shape(rgb.shape[0], rgb.shape[1], size)
+    if min(short) < 1:
+        raise InvalidInputError(
+            f"a slice of shape {rgb.shape[:2]} is too elongated for SAM: resized so that its "
+            f"longest side is {size} px, its short side would be {min(short)} px; crop it, or "
+            "give slices whose aspect ratio is below 1:" + str(2 * size)
+        )
+    transform = ResizeLongestSide(size)
     resized = transform.apply_image(rgb)
     with torch.inference_mode():
         x = torch.as_tensor(resized, device=model.device).permute(2, 0, 1).contiguous()[None]
