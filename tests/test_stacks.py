@@ -532,7 +532,9 @@ _MEMORY_SCRIPT = textwrap.dedent(
     s = open_stack(sys.argv[1])
     img = s[len(s) // 2]
     rgb = s.rgb(len(s) // 2)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM is this process's own peak RSS; ru_maxrss would include the parent's peak
+    # at fork time (Linux keeps it across fork + exec)
+    after = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
     print(json.dumps({"len": len(s), "shape": list(s.shape), "axes": s.axes,
                       "dtype": str(s.dtype), "sum": int(img.sum(dtype=np.int64)),
                       "rgb_max": int(rgb.max()), "rgb_shape": list(rgb.shape),
