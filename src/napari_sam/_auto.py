@@ -1,0 +1,230 @@
+"""Automatic segmentation of a slice from a grid of points, and the 3D merge of slices.
+
+:func:`auto_segment_slice` is SAM's automatic mask generation (``SamAutomaticMaskGenerator``
+without crops) run against the slice's cached embedding: a regular grid of single-point
+prompts goes through the decoder in batches (never the encoder again), candidates are
+kept when their predicted IoU and stability score are high enough, duplicates are removed
+by box NMS, and the survivors are painted largest first without overwriting.
+
+:func:`merge_slices` (and :class:`SliceLinker`, its streaming form) links per-slice objects
+into 3D objects: an object takes the id of the object on the previous slice it overlaps
+best (IoU >= ``min_iou``, one-to-one, greedy by IoU), else a new id. Ids are given in order
+of first appearance (slice, then the 2D id), so the result does not depend on scheduling.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ._errors import InvalidInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .segment import Segmenter
+
+__all__ = ["auto_segment_slice", "merge_slices", "SliceLinker", "decode_raw"]
+
+
+def decode_raw(seg: "Segmenter", emb, prompts: list[dict], *, multimask: bool):
+    """One decoder call for B prompt sets on one embedding.
+
+    ``prompts``: dicts with ``points`` (y, x) / ``point_labels``, ``box`` (y0, x0, y1, x1),
+    ``mask_input`` (256, 256), every dict with the same kinds. Points are padded with
+    SAM's ignored label -1. Returns low-res logits (B, K, 256, 256) and IoU (B, K), numpy.
+    (The batched twin of ``Segmenter._decode``, which takes one object's points and mask.)
+    """
+    import torch
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from .segment import _to_sam_xy  # the one (y, x) -> (x, y) flip
+
+    sam, device = seg.model.sam, seg.model.device
+    transform = ResizeLongestSide(sam.image_encoder.img_size)
+    point_t = box_t = mask_t = None
+    if prompts[0].get("points") is not None:
+        n = max(len(p["points"]) for p in prompts)
+        coords = np.zeros((len(prompts), n, 2))
+        labels = -np.ones((len(prompts), n), np.int64)
+        for b, p in enumerate(prompts):
+            k = len(p["points"])
+            coords[b, :k] = _to_sam_xy(np.asarray(p["points"], float).reshape(-1, 2))
+            labels[b, :k] = p["point_labels"]
+        coords = transform.apply_coords(coords, emb.original_size)
+        point_t = (torch.as_tensor(coords, dtype=torch.float, device=device),
+                   torch.as_tensor(labels, dtype=torch.int, device=device))
+    if prompts[0].get("box") is not None:
+        boxes = transform.apply_boxes(_to_sam_xy(np.stack([p["box"] for p in prompts])),
+                                      emb.original_size)
+        box_t = torch.as_tensor(boxes, dtype=torch.float, device=device)
+    if prompts[0].get("mask_input") is not None:
+        m = np.stack([np.asarray(p["mask_input"], np.float32).reshape(1, 256, 256) for p in prompts])
+        mask_t = torch.as_tensor(m, device=device)
+    with torch.inference_mode():
+        sparse, dense = sam.prompt_encoder(points=point_t, boxes=box_t, masks=mask_t)
+        low, iou = sam.mask_decoder(
+            image_embeddings=emb.features, image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+            multimask_output=multimask)
+    return low.float().cpu().numpy(), iou.float().cpu().numpy()
+
+
+def auto_segment_slice(
+    seg: "Segmenter",
+    index: int,
+    *,
+    points_per_side: int = 16,
+    points_per_batch: int = 64,
+    pred_iou_thresh: float = 0.88,
+    stability_score_thresh: float = 0.95,
+    stability_score_offset: float = 1.0,
+    box_nms_thresh: float = 0.7,
+    min_area: int = 16,
+    max_area_fraction: float = 0.5,
+) -> np.ndarray:
+    """Segment everything on slice ``index`` from a grid of points, reusing its embedding.
+
+    Parameters as ``segment_anything.SamAutomaticMaskGenerator`` (no crops), plus
+    ``min_area`` (pixels; also the least area left after painting) and
+    ``max_area_fraction`` (drops background-sized masks).
+
+    Returns
+    -------
+    numpy.ndarray of uint32, shape (Y, X)
+        Object ids 1..n, numbered largest first; 0 background.
+    """
+    import torch
+    from segment_anything.utils.amg import batched_mask_to_box, build_point_grid, calculate_stability_score
+    from torchvision.ops import batched_nms
+
+    if points_per_side < 1 or points_per_batch < 1:
+        raise InvalidInputError("points_per_side and points_per_batch must be >= 1, got "
+                                f"{points_per_side} and {points_per_batch}")
+    h, w = seg.stack.slice_shape
+    emb = seg.embedding(index)
+    sam = seg.model.sam
+    grid = build_point_grid(points_per_side)  # (n, 2) as (x, y) in [0, 1]
+    points = grid[:, ::-1] * np.array([h, w])  # (y, x) pixels
+    crops, boxes, scores, areas = [], [], [], []
+    for start in range(0, len(points), points_per_batch):
+        chunk = points[start:start + points_per_batch]
+        prompts = [{"points": p[None], "point_labels": np.ones(1, np.int64)} for p in chunk]
+        low, iou = decode_raw(seg, emb, prompts, multimask=True)
+        low, iou = low.reshape(-1, *low.shape[2:]), iou.reshape(-1)
+        keep = np.flatnonzero(iou > pred_iou_thresh)
+        for s in range(0, len(keep), 16):
+            sel = keep[s:s + 16]
+            with torch.inference_mode():
+                full = sam.postprocess_masks(torch.as_tensor(low[sel])[:, None], emb.input_size,
+                                             emb.original_size)[:, 0]
+                stab = calculate_stability_score(full, sam.mask_threshold, stability_score_offset)
+                masks = full > sam.mask_threshold
+                bxs = batched_mask_to_box(masks)  # (x0, y0, x1, y1), inclusive
+            for j in np.flatnonzero(stab.numpy() >= stability_score_thresh):
+                m = masks[j].numpy()
+                area = int(m.sum())
+                if area < max(min_area, 1) or area > max_area_fraction * h * w:
+                    continue
+                x0, y0, x1, y1 = (int(v) for v in bxs[j])
+                crops.append(m[y0:y1 + 1, x0:x1 + 1])
+                boxes.append([x0, y0, x1, y1])
+                scores.append(float(iou[sel[j]]))
+                areas.append(area)
+    labels = np.zeros((h, w), np.uint32)
+    if not crops:
+        return labels
+    keep = batched_nms(torch.as_tensor(boxes, dtype=torch.float), torch.as_tensor(scores),
+                       torch.zeros(len(boxes), dtype=torch.int64), box_nms_thresh).numpy()
+    order = sorted(keep.tolist(), key=lambda i: (-areas[i], -scores[i], i))
+    next_id = 1
+    for i in order:
+        x0, y0, x1, y1 = boxes[i]
+        region = labels[y0:y1 + 1, x0:x1 + 1]
+        free = crops[i] & (region == 0)
+        if free.sum() >= max(min_area, 1):
+            region[free] = next_id
+            next_id += 1
+    return labels
+
+
+class SliceLinker:
+    """Streaming 3D merge: feed 2D label slices in Z order, get them back with 3D ids.
+
+    Parameters
+    ----------
+    min_iou : float
+        An object joins the previous slice's object it overlaps with IoU >= ``min_iou``.
+    start_id : int
+        First 3D id handed out.
+    """
+
+    def __init__(self, *, min_iou: float = 0.3, start_id: int = 1) -> None:
+        if not 0 < min_iou <= 1:
+            raise InvalidInputError(f"min_iou must be in (0, 1], got {min_iou}")
+        self.min_iou = float(min_iou)
+        self.next_id = int(start_id)
+        self._prev: np.ndarray | None = None
+
+    def link(self, labels2d: np.ndarray) -> np.ndarray:
+        """Relabel one (Y, X) slice; returns a new uint32 array with 3D ids."""
+        cur = np.asarray(labels2d)
+        if cur.ndim != 2:
+            raise InvalidInputError(f"label slices must be 2D (Y, X), got shape {cur.shape}")
+        out = np.zeros(cur.shape, np.uint32)
+        ids = np.unique(cur[cur > 0])
+        mapping: dict[int, int] = {}
+        prev = self._prev
+        if prev is not None and ids.size and prev.any():
+            a, b = cur.ravel().astype(np.int64), prev.ravel().astype(np.int64)
+            both = (a > 0) & (b > 0)
+            pairs, inter = np.unique(np.stack([a[both], b[both]]), axis=1, return_counts=True)
+            area_a = dict(zip(*np.unique(a[a > 0], return_counts=True)))
+            area_b = dict(zip(*np.unique(b[b > 0], return_counts=True)))
+            cands = []
+            for (ia, ib), n in zip(pairs.T.tolist(), inter.tolist()):
+                iou = n / (area_a[ia] + area_b[ib] - n)
+                if iou >= self.min_iou:
+                    cands.append((-iou, ia, ib))
+            used_b: set[int] = set()
+            for _, ia, ib in sorted(cands):
+                if ia not in mapping and ib not in used_b:
+                    mapping[ia] = ib
+                    used_b.add(ib)
+        for ia in ids.tolist():
+            if ia not in mapping:
+                mapping[ia] = self.next_id
+                self.next_id += 1
+        if ids.size:
+            lut = np.zeros(int(ids.max()) + 1, np.uint32)
+            for ia, i3 in mapping.items():
+                lut[ia] = i3
+            pos = cur > 0
+            out[pos] = lut[cur[pos]]
+        self._prev = out
+        return out
+
+    def reset(self) -> None:
+        """Start a new Z line (ids keep counting up)."""
+        self._prev = None
+
+
+def merge_slices(slices: np.ndarray, *, min_iou: float = 0.3) -> np.ndarray:
+    """Link per-slice 2D objects of a (Z, Y, X) label stack into 3D objects.
+
+    Parameters
+    ----------
+    slices : array-like of int, shape (Z, Y, X)
+        Independent 2D label images (ids need not agree between slices).
+    min_iou : float
+        Overlap (IoU) with an object on the previous slice needed to share its id.
+
+    Returns
+    -------
+    numpy.ndarray of uint32, shape (Z, Y, X)
+        3D ids 1..n in order of first appearance (slice, then 2D id).
+    """
+    slices = np.asarray(slices)
+    if slices.ndim != 3:
+        raise InvalidInputError(f"slices must be (Z, Y, X), got shape {slices.shape}")
+    linker = SliceLinker(min_iou=min_iou)
+    return np.stack([linker.link(s) for s in slices]) if len(slices) else slices.astype(np.uint32)

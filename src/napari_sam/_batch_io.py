@@ -1,0 +1,279 @@
+"""Outputs of batch jobs: OME-Zarr or TIFF labels, the job's work folder, resumption.
+
+Layout
+------
+``OUT.ome.zarr`` / ``OUT.zarr``
+    A zarr v2 group with OME-NGFF 0.4 ``multiscales`` metadata (one level, path ``"0"``,
+    the input's axes without C and its scale). ``0`` is a uint32 label array of shape
+    (slice axes..., Y, X) chunked one slice per chunk. The group's attrs
+    ``napari_sam = {"kind": "batch-labels", "job": <signature>, "complete": bool}`` say
+    which job wrote it.
+``OUT.tif`` / ``OUT.tiff``
+    Written once at the end (a temporary file, then ``os.replace``) from the labels array
+    in the work folder.
+``OUT.partial.zarr`` (the work folder, removed when the job completes)
+    ``done`` (one flag per slice, one chunk each, written after the slice's label chunk),
+    the job's intermediates (per-object masks, per-slice automatic labels) and, for TIFF
+    outputs, ``labels``. Every chunk write is atomic, so a job killed at any moment and
+    started again with the same arguments redoes only unfinished slices.
+
+An existing output (or work folder) that was not written by the same job is never
+touched unless ``overwrite=True``: :class:`OutputExistsError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ._errors import InvalidInputError, NapariSamError
+
+__all__ = ["OutputExistsError", "Output", "output_format"]
+
+KIND = "batch-labels"
+_AXIS_TYPES = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
+
+
+class OutputExistsError(NapariSamError, FileExistsError):
+    """The output exists and was not written by this job; pass overwrite to replace it."""
+
+
+def output_format(path: str | os.PathLike) -> str:
+    """``"zarr"`` for .zarr / .ome.zarr, ``"tiff"`` for .tif / .tiff."""
+    name = str(path).rstrip("/\\").lower()
+    if name.endswith(".zarr"):
+        return "zarr"
+    if name.endswith((".tif", ".tiff")):
+        return "tiff"
+    raise InvalidInputError(
+        f"output {str(path)!r} must end in .ome.zarr, .zarr, .tif or .tiff (the extension "
+        "chooses the format)"
+    )
+
+
+def _canon(sig: dict) -> dict:
+    return json.loads(json.dumps(sig, sort_keys=True, default=str))
+
+
+def _rm(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+_TIFF_TAG = 65421  # private tag holding our job record in TIFF outputs
+
+
+def _tiff_meta(path: Path) -> dict | None:
+    """Our job record of a TIFF written by a batch job, or None."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tag = tif.pages[0].tags.get(_TIFF_TAG)
+            meta = json.loads(tag.value) if tag is not None else None
+    except Exception:
+        return None
+    return meta if isinstance(meta, dict) and meta.get("kind") == KIND else None
+
+
+def _group_meta(path: Path) -> dict | None:
+    """Our attrs of a zarr group at ``path``, or None when it is not one of ours."""
+    import zarr
+
+    try:
+        g = zarr.open_group(path, mode="r")
+        meta = g.attrs.get("napari_sam")
+    except Exception:
+        return None
+    return meta if isinstance(meta, dict) and meta.get("kind") == KIND else None
+
+
+class Output:
+    """The output of one job and its work folder.
+
+    Parameters
+    ----------
+    path : path
+        OUT (.ome.zarr, .zarr, .tif, .tiff).
+    signature : dict
+        What the result depends on; an output with another signature is not resumed.
+    shape : tuple
+        Label array shape, (slice axes..., Y, X).
+    axes : str
+        Its axes, e.g. ``"ZYX"``.
+    scale, units : sequence
+        Per axis of ``axes``.
+    overwrite : bool
+        Replace an output that this job did not write.
+    """
+
+    def __init__(self, path, signature: dict, *, shape: tuple[int, ...], axes: str,
+                 scale, units, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.format = output_format(self.path)
+        self.work = Path(str(self.path).rstrip("/\\") + ".partial.zarr")
+        self.signature = _canon(signature)
+        self.shape, self.axes = tuple(int(s) for s in shape), axes
+        self.scale, self.units = [float(s) for s in scale], list(units)
+        self.complete = False
+        self._prepare(overwrite)
+
+    # ------------------------------------------------------------------ setup
+    def _work_meta(self) -> dict | None:
+        return _group_meta(self.work) if self.work.exists() else None
+
+    def _refuse(self, path: Path, why: str) -> None:
+        raise OutputExistsError(f"{str(path)!r} exists and {why}; pass --overwrite "
+                                "(overwrite=True) to replace it, or choose another output")
+
+    def _prepare(self, overwrite: bool) -> None:
+        work_meta = self._work_meta()
+        same_work = work_meta is not None and work_meta.get("job") == self.signature
+        if self.format == "zarr":
+            if self.path.exists():
+                meta = _group_meta(self.path)
+                if meta is not None and meta.get("job") == self.signature:
+                    if meta.get("complete"):
+                        self.complete = True
+                        _rm(self.work)
+                        return
+                    if not same_work:  # no record of what is done: start over inside it
+                        _rm(self.work)
+                elif overwrite:
+                    _rm(self.path)
+                    _rm(self.work)
+                elif meta is not None:
+                    self._refuse(self.path, "was written by a different napari-sam job "
+                                 "(other input, model, prompts or options)")
+                else:
+                    self._refuse(self.path, "was not written by napari-sam")
+            elif self.work.exists():
+                _rm(self.work)  # a work folder without its output is useless
+        else:
+            if self.path.exists():
+                meta = _tiff_meta(self.path)
+                if meta is not None and meta.get("job") == self.signature:
+                    self.complete = True  # done before (or killed before the cleanup)
+                    _rm(self.work)
+                    return
+                if not overwrite:
+                    self._refuse(self.path, "was written by a different napari-sam job (other "
+                                 "input, model, prompts or options)" if meta is not None
+                                 else "was not written by napari-sam")
+            if self.work.exists() and not same_work:
+                if not overwrite and work_meta is not None:
+                    self._refuse(self.work, "holds the unfinished work of a different job")
+                _rm(self.work)
+        self._create()
+
+    def _create(self) -> None:
+        import zarr
+
+        work = zarr.open_group(self.work, mode="a", zarr_format=3)
+        if "napari_sam" not in work.attrs:
+            work.attrs["napari_sam"] = {"kind": KIND, "job": self.signature, "complete": False}
+        n = int(np.prod(self.shape[:-2])) if len(self.shape) > 2 else 1
+        self.require(work, "done", (n,), (1,), "uint8")
+        if self.format == "zarr":
+            self._create_ome()
+        else:
+            self.require(work, "labels", self.shape, (1,) * (len(self.shape) - 2) + self.shape[-2:],
+                         "uint32")
+
+    @staticmethod
+    def require(group, name: str, shape, chunks, dtype, **kw):
+        if name not in group:
+            group.create_array(name, shape=tuple(shape), chunks=tuple(chunks), dtype=dtype,
+                               fill_value=0, **kw)
+        return group[name]
+
+    def _create_ome(self) -> None:
+        import zarr
+
+        root = zarr.open_group(self.path, mode="a", zarr_format=2)
+        if "0" not in root:
+            root.create_array("0", shape=self.shape, chunks=(1,) * (len(self.shape) - 2) + self.shape[-2:],
+                              dtype="uint32", fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"})
+        axes = []
+        for a, u in zip(self.axes, self.units):
+            entry: dict[str, Any] = {"name": a.lower()}
+            if a in _AXIS_TYPES:
+                entry["type"] = _AXIS_TYPES[a]
+            if u:
+                entry["unit"] = u
+            axes.append(entry)
+        root.attrs.update({
+            "multiscales": [{
+                "version": "0.4", "name": self.path.name.split(".")[0], "axes": axes,
+                "datasets": [{"path": "0", "coordinateTransformations": [
+                    {"type": "scale", "scale": self.scale}]}],
+            }],
+            "napari_sam": {"kind": KIND, "job": self.signature, "complete": False},
+        })
+
+    # ------------------------------------------------------------------ access
+    @property
+    def work_group(self):
+        import zarr
+
+        return zarr.open_group(self.work, mode="a")
+
+    @property
+    def labels_path(self) -> Path:
+        return self.path / "0" if self.format == "zarr" else self.work / "labels"
+
+    def done(self) -> np.ndarray:
+        """Per-slice done flags (bool)."""
+        import zarr
+
+        return np.asarray(zarr.open_array(self.work / "done", mode="r")[:]).astype(bool)
+
+    def finish(self) -> None:
+        """Mark the job complete (zarr) or write the TIFF; then drop the work folder."""
+        import zarr
+
+        if self.format == "zarr":
+            root = zarr.open_group(self.path, mode="a")
+            meta = dict(root.attrs["napari_sam"])
+            meta["complete"] = True
+            root.attrs["napari_sam"] = meta
+        else:
+            self._write_tiff()
+            work = zarr.open_group(self.work, mode="a")
+            meta = dict(work.attrs["napari_sam"])
+            meta["complete"] = True
+            work.attrs["napari_sam"] = meta
+        _rm(self.work)
+        self.complete = True
+
+    def _write_tiff(self) -> None:
+        import tifffile
+        import zarr
+
+        arr = zarr.open_array(self.labels_path, mode="r")
+        n = int(np.prod(self.shape[:-2])) if len(self.shape) > 2 else 1
+
+        def pages() -> Iterator[np.ndarray]:
+            for i in range(n):
+                pos = np.unravel_index(i, self.shape[:-2]) if n > 1 or len(self.shape) > 2 else ()
+                yield np.asarray(arr[tuple(int(p) for p in pos)])
+
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        meta: dict[str, Any] = {"axes": self.axes}
+        ome = set(self.axes) <= set("TZCYX")
+        if ome:
+            for a, s in zip(self.axes, self.scale):
+                if a in "ZYX":
+                    meta[f"PhysicalSize{a}"] = s
+        record = json.dumps({"kind": KIND, "job": self.signature, "complete": True})
+        tifffile.imwrite(tmp, data=pages(), shape=self.shape, dtype=np.uint32, ome=ome,
+                         metadata=meta, compression="zlib", photometric="minisblack",
+                         extratags=[(_TIFF_TAG, "s", 0, record, True)])
+        os.replace(tmp, self.path)
