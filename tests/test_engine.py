@@ -78,13 +78,13 @@ def check_equivalent(seg, index, pred, rng, *, exact=True):
 
 def test_segmenter_equals_sampredictor_on_dsb2018(tiny_model, data_dir):
     stack = ns.open_stack(data_dir / "dsb2018" / "img2d.tif")
-    seg = ns.Segmenter(tiny_model, stack)
+    seg = ns.Segmenter(tiny_model, stack, speed="off")  # the reference encoder: bit-exact
     check_equivalent(seg, 0, reference(tiny_model, stack.rgb(0)), np.random.default_rng(0))
 
 
 def test_segmenter_equals_sampredictor_on_synthetic_stack(tiny_model, synthetic_stack):
     stack = ns.open_stack(synthetic_stack)
-    seg = ns.Segmenter(tiny_model, stack)
+    seg = ns.Segmenter(tiny_model, stack, speed="off")
     rng = np.random.default_rng(1)
     for index in (4,):
         check_equivalent(seg, index, reference(tiny_model, stack.rgb(index)), rng)
@@ -93,8 +93,8 @@ def test_segmenter_equals_sampredictor_on_synthetic_stack(tiny_model, synthetic_
 
 def test_float16_store_masks_match_float32(tiny_model, data_dir, tmp_path):
     stack = ns.open_stack(data_dir / "dsb2018" / "img2d.tif")
-    ns.Segmenter(tiny_model, stack, cache=tmp_path / "e.zarr").embed()
-    seg = ns.Segmenter(tiny_model, stack, cache=tmp_path / "e.zarr", memory_bytes=0)
+    ns.Segmenter(tiny_model, stack, cache=tmp_path / "e.zarr", speed="off").embed()
+    seg = ns.Segmenter(tiny_model, stack, cache=tmp_path / "e.zarr", memory_bytes=0, speed="off")
     ious = check_equivalent(seg, 0, reference(tiny_model, stack.rgb(0)), np.random.default_rng(2), exact=False)
     assert seg.cache.stats["encoder_calls"] == 0 and seg.cache.stats["store_hits"] > 0
     assert np.median(ious) >= 0.99 and min(ious) >= 0.95, (np.median(ious), min(ious))
@@ -102,8 +102,8 @@ def test_float16_store_masks_match_float32(tiny_model, data_dir, tmp_path):
 
 def test_float32_store_is_exact(tiny_model, synthetic_stack, tmp_path):
     stack = ns.open_stack(synthetic_stack)
-    ns.Segmenter(tiny_model, stack, cache=tmp_path / "e.zarr", store_dtype="float32").embed([2])
-    seg = ns.Segmenter(tiny_model, stack, cache=tmp_path / "e.zarr", store_dtype="float32")
+    ns.Segmenter(tiny_model, stack, cache=tmp_path / "e.zarr", store_dtype="float32", speed="off").embed([2])
+    seg = ns.Segmenter(tiny_model, stack, cache=tmp_path / "e.zarr", store_dtype="float32", speed="off")
     check_equivalent(seg, 2, reference(tiny_model, stack.rgb(2)), np.random.default_rng(3))
     assert seg.cache.stats["encoder_calls"] == 0
 
@@ -284,3 +284,32 @@ def test_prompt_errors_are_clear(tiny_model, synthetic_stack):
     a = seg.segment(0, box=[40, 50, 10, 20])
     b = seg.segment(0, box=[10, 20, 40, 50])
     np.testing.assert_array_equal(a, b)
+
+
+def test_fast_path_is_default_and_keyed_in_the_store(tiny_model, synthetic_stack, tmp_path):
+    """The default encoder is the fast path for the device; a store keeps precisions apart."""
+    from napari_sam.fast import speed_config
+
+    seg = ns.Segmenter(tiny_model, synthetic_stack, cache=tmp_path / "e.zarr")
+    assert seg.cache.speed == speed_config(tiny_model.device)
+    seg.embed([0])
+    with pytest.warns(EmbeddingStoreWarning, match="encoder precision"):
+        ref = ns.Segmenter(tiny_model, synthetic_stack, cache=tmp_path / "e.zarr", speed="off")
+    ref.cache.get(0)
+    assert ref.cache.stats["encoder_calls"] == 1  # not served the fast path's features
+    fast = seg.cache.get(0).features
+    exact = ref.cache.get(0).features
+    scale = exact.abs().mean()
+    assert ((fast - exact).abs().mean() / scale) < 0.05
+
+
+def test_batched_embed_equals_one_by_one(tiny_model, synthetic_stack, tmp_path):
+    from napari_sam.fast import speed_config, with_batch_size
+
+    cfg = with_batch_size(speed_config(tiny_model.device, mode="fused"), 4)
+    batched = ns.Segmenter(tiny_model, synthetic_stack, cache=tmp_path / "b.zarr", speed=cfg)
+    assert batched.embed() == 6 and batched.embed() == 0
+    single = ns.Segmenter(tiny_model, synthetic_stack, speed=speed_config(tiny_model.device, mode="fused"))
+    for i in (0, 5):
+        a, b = batched.cache.get(i).features, single.cache.get(i).features
+        assert (a - b).abs().max() <= 1e-2 * b.abs().max()  # float16 store

@@ -13,7 +13,8 @@ STORE_KIND = "embedding-store"
 
 def _differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
     names = {"model": "model", "stack": "image stack", "normalisation": "normalisation",
-             "format_version": "format version", "store_dtype": "stored dtype"}
+             "format_version": "format version", "store_dtype": "stored dtype",
+             "encoder": "encoder precision"}
     return [names.get(k, k) for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
 
 

@@ -43,6 +43,8 @@ from ._errors import InvalidInputError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from .fast import SpeedConfig
+
     from .models import SamModel
     from .stacks import Stack
 
@@ -89,8 +91,11 @@ def _digest64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
-def encode_slice(model: "SamModel", rgb: np.ndarray) -> Embedding:
-    """Run SAM's image encoder on one (Y, X, 3) uint8 image, exactly as ``SamPredictor``.
+def encode_slice(model: "SamModel", rgb: np.ndarray, *, speed: "SpeedConfig | None" = None) -> Embedding:
+    """Run SAM's image encoder on one (Y, X, 3) uint8 image.
+
+    Preprocessing is exactly ``SamPredictor.set_image``'s; the encoder is the reference
+    module (``speed=fast.OFF``) or a fast path (see :mod:`napari_sam.fast`).
 
     Parameters
     ----------
@@ -98,12 +103,15 @@ def encode_slice(model: "SamModel", rgb: np.ndarray) -> Embedding:
         The model (see :func:`napari_sam.load_model`).
     rgb : numpy.ndarray of uint8, shape (Y, X, 3)
         The normalised slice (see :meth:`napari_sam.Stack.rgb`).
+    speed : SpeedConfig, optional
+        Default: :func:`napari_sam.fast.speed_config` for the model's device.
     """
     import torch
     from segment_anything.utils.transforms import ResizeLongestSide
 
-    sam = model.sam
-    size = sam.image_encoder.img_size
+    from .fast import encoder_for, preprocess
+
+    size = model.sam.image_encoder.img_size
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise InvalidInputError(
             f"the encoder takes a (Y, X, 3) uint8 image, got shape {rgb.shape} dtype {rgb.dtype}"
@@ -115,12 +123,9 @@ def encode_slice(model: "SamModel", rgb: np.ndarray) -> Embedding:
             f"longest side is {size} px, its short side would be {min(short)} px; crop it, or "
             "give slices whose aspect ratio is below 1:" + str(2 * size)
         )
-    transform = ResizeLongestSide(size)
-    resized = transform.apply_image(rgb)
+    x, input_size = preprocess(model.sam, rgb, model.device)
     with torch.inference_mode():
-        x = torch.as_tensor(resized, device=model.device).permute(2, 0, 1).contiguous()[None]
-        input_size = (int(x.shape[-2]), int(x.shape[-1]))
-        features = sam.image_encoder(sam.preprocess(x))
+        features = encoder_for(model, speed)(x)
     return Embedding(features, input_size, (int(rgb.shape[0]), int(rgb.shape[1])))
 
 
@@ -145,6 +150,11 @@ class EmbeddingCache:
     verify_slices : bool
         Check each stored slice's fingerprint against the stack before reuse (default).
         Costs one read of the slice per disk hit.
+    speed : {"auto", "off", "fused", "bf16", "fp16", "compile"} or SpeedConfig
+        Encoder speed paths (:func:`napari_sam.fast.speed_config`): "auto" picks per device
+        (fused attention; bf16 on CUDA and on CPUs with native bf16), "off" is the
+        reference float32 encoder, bit-identical to ``SamPredictor``. The choice is part of
+        the store signature, so embeddings of different precision are never mixed.
 
     Notes
     -----
@@ -161,7 +171,10 @@ class EmbeddingCache:
         memory_bytes: int = DEFAULT_MEMORY_BYTES,
         store_dtype: str = "float16",
         verify_slices: bool = True,
+        speed: "str | SpeedConfig" = "auto",
     ) -> None:
+        from .fast import SpeedConfig, speed_config
+
         if store_dtype not in ("float16", "float32"):
             raise InvalidInputError(
                 f"store_dtype must be 'float16' or 'float32', got {store_dtype!r}"
@@ -173,6 +186,7 @@ class EmbeddingCache:
         self.memory_bytes = int(memory_bytes)
         self.store_dtype = store_dtype
         self.verify_slices = verify_slices
+        self.speed = speed if isinstance(speed, SpeedConfig) else speed_config(model.device, mode=speed)
         self.stats = {"encoder_calls": 0, "memory_hits": 0, "store_hits": 0, "store_misses": 0}
         self._memory: OrderedDict[int, Embedding] = OrderedDict()
         self._memory_used = 0
@@ -209,6 +223,10 @@ class EmbeddingCache:
             },
             "normalisation": self.stack.normalisation(),
             "store_dtype": self.store_dtype,
+            "encoder": {
+                "fused_attention": self.speed.fused_attention,
+                "autocast": self.speed.autocast,
+            },
         }
 
     @property
@@ -273,6 +291,8 @@ class EmbeddingCache:
             Polled between slices; return True to stop early (cancel).
         """
         todo = [self._check_index(i) for i in (range(len(self)) if indices is None else indices)]
+        if self.speed.batch_size > 1:
+            return self._embed_batched(todo, progress, should_stop)
         encoded = 0
         for done, index in enumerate(todo, start=1):
             if should_stop is not None and should_stop():
@@ -286,6 +306,31 @@ class EmbeddingCache:
                 else:
                     self.get(index)
                 encoded += self.stats["encoder_calls"] - before
+            if progress is not None:
+                progress(done, len(todo))
+        return encoded
+
+    def _embed_batched(self, todo, progress, should_stop) -> int:
+        """``embed`` with ``speed.batch_size`` slices per encoder call (GPU)."""
+        from .fast import encode_batch
+
+        encoded = done = 0
+        step = self.speed.batch_size
+        for start in range(0, len(todo), step):
+            if should_stop is not None and should_stop():
+                break
+            chunk = todo[start : start + step]
+            missing = [i for i in chunk if not self.is_cached(i) and self._load(i) is None]
+            if missing:
+                embs = encode_batch(self.model, [self.stack.rgb(i) for i in missing], config=self.speed)
+                for index, emb in zip(missing, embs):
+                    self.stats["encoder_calls"] += 1
+                    self._save(index, emb)
+                    if self._group is None:
+                        with self._lock:
+                            self._memory_put(index, emb)
+                encoded += len(missing)
+            done += len(chunk)
             if progress is not None:
                 progress(done, len(todo))
         return encoded
@@ -389,7 +434,7 @@ class EmbeddingCache:
 
     # ---------------------------------------------------------------- compute
     def _compute(self, index: int) -> Embedding:
-        emb = encode_slice(self.model, self.stack.rgb(index))
+        emb = encode_slice(self.model, self.stack.rgb(index), speed=self.speed)
         self.stats["encoder_calls"] += 1
         self._save(index, emb)
         return emb

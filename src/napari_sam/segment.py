@@ -30,7 +30,8 @@ def _to_sam_xy(yx: np.ndarray) -> np.ndarray:
     Boxes (y0, x0, y1, x1) are two pairs, so the same flip gives SAM's (x0, y0, x1, y1).
     """
     yx = np.asarray(yx, dtype=np.float64)
-    return yx.reshape(*yx.shape[:-1], -1, 2)[..., ::-1].reshape(yx.shape)
+    # explicit pair count (not -1): an empty (0, 2) array reshapes too
+    return yx.reshape(*yx.shape[:-1], yx.shape[-1] // 2, 2)[..., ::-1].reshape(yx.shape)
 
 
 @dataclass
@@ -90,6 +91,8 @@ class Segmenter:
         Bound of the in-memory embedding cache.
     store_dtype : {"float16", "float32"}
         Precision of stored embeddings.
+    speed : str or SpeedConfig
+        Encoder speed paths, see :class:`EmbeddingCache` ("off": the reference encoder).
 
     Examples
     --------
@@ -105,6 +108,7 @@ class Segmenter:
         cache: "str | Path | EmbeddingCache | None" = None,
         memory_bytes: int = DEFAULT_MEMORY_BYTES,
         store_dtype: str = "float16",
+        speed: Any = "auto",
     ) -> None:
         from .models import SamModel, load_model
         from .stacks import Stack, open_stack
@@ -116,7 +120,8 @@ class Segmenter:
         self.model = model if isinstance(model, SamModel) else load_model(model)
         self.stack = stack if isinstance(stack, Stack) else open_stack(stack)
         self.cache = EmbeddingCache(
-            self.model, self.stack, store=cache, memory_bytes=memory_bytes, store_dtype=store_dtype
+            self.model, self.stack, store=cache, memory_bytes=memory_bytes,
+            store_dtype=store_dtype, speed=speed,
         )
 
     def __repr__(self) -> str:

@@ -1,0 +1,355 @@
+"""Speed benchmark: fast encoder paths (napari_sam.fast) against a plain SamPredictor.
+
+Every speed number is a ratio against the baseline measured in the same process, with the
+runs interleaved (baseline, config 1, config 2, ..., baseline, ...), because these machines
+are shared and noisy. Both wall time and process CPU time are reported; CPU time is less
+sensitive to other users of the machine. Prints a table and writes JSON (``--out``,
+default benchmarks/results/speed.json).
+
+Run::
+
+    python benchmarks/bench_speed.py                  # vit_b-shaped random weights, CPU
+    python benchmarks/bench_speed.py --quick          # small model (smoke test)
+    python benchmarks/bench_speed.py --device cuda    # + batched slices/s and % of peak
+
+Targets (issue "Speed"):
+
+* CPU embedding >= 3x faster than the FP32 eager SamPredictor;
+* masks from fast embeddings vs FP32 on the DSB2018 slice, random prompts:
+  median IoU >= 0.99, 5th percentile >= 0.95 (random weights: masks may be degenerate,
+  so the embedding relative error is reported too);
+* decode (prompt -> full-resolution mask, cached slice) <= 30 ms p50 on CPU.
+
+FLOPs of the ViT encoder per slice (``encoder_flops``), T = (S/16)^2 tokens, d = embed dim:
+
+    linear layers   2 * T * 12 d^2 * depth                   (qkv 3d^2, proj d^2, mlp 8d^2)
+    attention       4 * T_a^2 * d * n_windows per block       (q k^T and attn v; global:
+                                                              T_a = T, n = 1; windowed:
+                                                              T_a = w^2, n = ceil(S/16/w)^2)
+    rel-pos bias    4 * T * (h + w) * d per block             (h, w: query grid of the block)
+    patch embed     2 * T * (3 * 16^2) * d
+    neck            2 * T * d * C + 2 * T * C^2 * 9           (C = 256)
+
+For vit_b at 1024 px this is about 0.94 TFLOP per slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+VIT_B = dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11))
+SMALL = dict(embed_dim=64, depth=3, num_heads=4, global_attn_indexes=(1,))
+DSB = REPO.parent / "shared" / "data" / "dsb2018" / "img2d.tif"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def encoder_flops(arch) -> float:
+    """FLOPs of one image-encoder forward pass (see the module docstring)."""
+    g = arch.embedding_size
+    t, d, w = g * g, arch.encoder_embed_dim, arch.window_size
+    flops = 2 * t * 12 * d * d * arch.encoder_depth
+    flops += 2 * t * 3 * arch.patch_size**2 * d
+    flops += 2 * t * d * arch.prompt_embed_dim + 2 * t * arch.prompt_embed_dim**2 * 9
+    nwin = math.ceil(g / w) ** 2
+    for i in range(arch.encoder_depth):
+        if i in arch.encoder_global_attn_indexes:
+            flops += 4 * t * t * d + 4 * t * (g + g) * d
+        else:
+            flops += 4 * (w * w) ** 2 * d * nwin + 4 * nwin * w * w * (w + w) * d
+    return float(flops)
+
+
+def iou(a, b) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def random_prompts(rng, shape, n):
+    """n prompt sets as SAM (x, y) arrays: 1-3 points (first positive) or a box."""
+    h, w = shape
+    out = []
+    for i in range(n):
+        if i % 4 == 3:
+            ys, xs = np.sort(rng.uniform(0, h - 1, 2)), np.sort(rng.uniform(0, w - 1, 2))
+            out.append({"box": np.array([xs[0], ys[0], xs[1] + 8, ys[1] + 8])})
+        else:
+            k = int(rng.integers(1, 4))
+            labels = rng.integers(0, 2, k)
+            labels[0] = 1
+            pts = np.column_stack([rng.uniform(0, w - 1, k), rng.uniform(0, h - 1, k)])
+            out.append({"point_coords": pts, "point_labels": labels})
+    return out
+
+
+def best_masks(predictor, prompts):
+    out = []
+    for p in prompts:
+        masks, scores, _ = predictor.predict(**p, multimask_output="box" not in p)
+        out.append(masks[int(np.argmax(scores))])
+    return out
+
+
+def bench_embed(args, model, rgb):
+    import torch
+    from segment_anything import SamPredictor
+
+    from napari_sam import fast
+
+    configs = {
+        "fused fp32": fast.SpeedConfig(fused_attention=True, autocast=None),
+        "bf16 (library attention)": fast.SpeedConfig(fused_attention=False, autocast="bf16"),
+        "auto: " + _describe(fast.speed_config(model.device)): fast.speed_config(model.device),
+    }
+    if model.device.type == "cuda":
+        configs["fused fp16"] = fast.SpeedConfig(fused_attention=True, autocast="fp16")
+    if args.compile:
+        configs["auto + compile"] = fast.SpeedConfig(
+            fused_attention=True, autocast=fast.speed_config(model.device).autocast, compile=True
+        )
+    predictor = SamPredictor(model.sam)
+
+    def sync():
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # warm-up (and compile) outside the timed rounds
+    predictor.set_image(rgb)
+    ref = predictor.features.clone()
+    warm = {}
+    for name, cfg in configs.items():
+        t = time.perf_counter()
+        fast.encode_batch(model, [rgb], config=cfg)
+        sync()
+        warm[name] = time.perf_counter() - t
+
+    wall = {k: [] for k in ["baseline", *configs]}
+    cpu = {k: [] for k in wall}
+    feats = {}
+    for _ in range(args.rounds):
+        t, c = time.perf_counter(), time.process_time()
+        predictor.set_image(rgb)
+        sync()
+        wall["baseline"].append(time.perf_counter() - t)
+        cpu["baseline"].append(time.process_time() - c)
+        for name, cfg in configs.items():
+            t, c = time.perf_counter(), time.process_time()
+            (emb,) = fast.encode_batch(model, [rgb], config=cfg)
+            sync()
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+            feats[name] = emb.features
+
+    rng = np.random.default_rng(0)
+    prompts = random_prompts(rng, rgb.shape[:2], args.prompts)
+    predictor.features = ref
+    ref_masks = best_masks(predictor, prompts)
+    degenerate = sum(1 for m in ref_masks if m.all() or not m.any())
+    rows = {}
+    for name in wall:
+        row = {
+            "wall_s": float(np.median(wall[name])),
+            "cpu_s": float(np.median(cpu[name])),
+            "wall_runs_s": wall[name],
+            "cpu_runs_s": cpu[name],
+            "speedup_wall": float(np.median(wall["baseline"]) / np.median(wall[name])),
+            "speedup_cpu": float(np.median(cpu["baseline"]) / np.median(cpu[name])),
+        }
+        if name != "baseline":
+            row["config"] = _describe(configs[name])
+            row["first_call_s"] = warm[name]
+            diff = (feats[name].float() - ref).abs()
+            scale = float(ref.abs().mean())
+            row["embed_max_abs_over_mean_abs"] = float(diff.max()) / scale
+            row["embed_mean_abs_over_mean_abs"] = float(diff.mean()) / scale
+            predictor.features = feats[name].float()
+            ious = [iou(a, b) for a, b in zip(best_masks(predictor, prompts), ref_masks)]
+            row["iou_median"] = float(np.median(ious))
+            row["iou_p5"] = float(np.percentile(ious, 5))
+            row["iou_min"] = float(np.min(ious))
+        rows[name] = row
+    predictor.features = ref
+    return {"rows": rows, "prompts": len(prompts), "degenerate_reference_masks": degenerate}
+
+
+def _describe(cfg) -> str:
+    parts = ["SDPA" if cfg.fused_attention else "eager attn", cfg.autocast or "fp32"]
+    if cfg.compile:
+        parts.append("compile")
+    return "+".join(parts)
+
+
+def bench_decode(args, rgb):
+    """Segmenter.predict(...).mask on a cached slice (decoder + upsampling to the slice).
+
+    The decoder (prompt encoder + mask decoder) and the upsampling do not depend on the
+    image encoder, so a small encoder gives the same decode cost as vit_b.
+    """
+    import torch
+
+    import napari_sam as ns
+    from napari_sam.testing import make_tiny_sam
+
+    model = ns.load_model(make_tiny_sam(**SMALL), device=args.device)
+    seg = ns.Segmenter(model, rgb[..., 0] if rgb.ndim == 3 else rgb)
+    seg.embedding(0)
+    rng = np.random.default_rng(1)
+    h, w = seg.stack.slice_shape
+    prompts = [rng.uniform((0, 0), (h - 1, w - 1), (int(rng.integers(1, 4)), 2)) for _ in range(args.decode_prompts)]
+    out = {}
+    for label, amp in (("fp32", False), ("bf16 autocast (not wired)", True), ("fp32 again", False)):
+        for pts in prompts[:3]:  # warm-up
+            _ = seg.predict(0, points=pts).mask
+        total, upsample = [], []
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp):
+            for pts in prompts:
+                t0 = time.perf_counter()
+                pred = seg.predict(0, points=pts)
+                t1 = time.perf_counter()
+                _ = pred.mask  # upsampling happens here (lazy)
+                t2 = time.perf_counter()
+                total.append(t2 - t0)
+                upsample.append(t2 - t1)
+        out[label] = {
+            "p50_ms": float(np.percentile(total, 50) * 1e3),
+            "p95_ms": float(np.percentile(total, 95) * 1e3),
+            "upsample_p50_ms": float(np.percentile(upsample, 50) * 1e3),
+        }
+    out["slice_shape"] = [h, w]
+    return out
+
+
+def bench_gpu_batches(args, model, rgb):
+    import torch
+
+    from napari_sam import fast
+
+    flops = encoder_flops(model.architecture)
+    out = {"flops_per_slice": flops, "peak_tflops": args.peak_tflops, "batches": {}}
+    for mode in ("bf16", "fp16", "fused"):
+        for bs in args.batch_sizes:
+            cfg = fast.with_batch_size(fast.speed_config(model.device, mode=mode), bs)
+            rgbs = [rgb] * max(bs * 2, 8)
+            fast.encode_batch(model, rgbs[:bs], config=cfg)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fast.encode_batch(model, rgbs, config=cfg)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            sps = len(rgbs) / dt
+            out["batches"][f"{mode} batch {bs}"] = {
+                "slices_per_s": sps,
+                "tflops": sps * flops / 1e12,
+                "fraction_of_peak": sps * flops / 1e12 / args.peak_tflops,
+                "max_memory_GiB": torch.cuda.max_memory_allocated() / 2**30,
+            }
+            torch.cuda.reset_peak_memory_stats()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small model (smoke test)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
+    ap.add_argument("--prompts", type=int, default=40, help="random prompts for the IoU check")
+    ap.add_argument("--decode-prompts", type=int, default=40)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow first call)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--image", type=Path, default=DSB)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "speed.json")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import napari_sam as ns
+    from napari_sam import fast
+    from napari_sam.testing import make_tiny_sam
+
+    if args.image.exists():
+        rgb = ns.open_stack(args.image).rgb(0)
+        image = str(args.image)
+    else:
+        from napari_sam.synthetic import make_nuclei_stack
+
+        stack, _ = make_nuclei_stack((1, 512, 512), n_nuclei=12, seed=0)
+        rgb = ns.open_stack(stack[0]).rgb(0)
+        image = "synthetic nuclei 512x512"
+    arch_kwargs = SMALL if args.quick else VIT_B
+    model = ns.load_model(make_tiny_sam(**arch_kwargs), device=args.device)
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": cpu_model(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_fast_bf16": fast.cpu_has_fast_bf16(),
+        "device": str(model.device),
+        "gpu": torch.cuda.get_device_name() if model.device.type == "cuda" else None,
+        "model": "small random" if args.quick else "vit_b-shaped random weights",
+        "image": image,
+        "encoder_tflop_per_slice": encoder_flops(model.architecture) / 1e12,
+    }
+    result["embed"] = bench_embed(args, model, rgb)
+    result["decode"] = bench_decode(args, rgb)
+    if model.device.type == "cuda":
+        result["gpu_batches"] = bench_gpu_batches(args, model, rgb)
+
+    rows = result["embed"]["rows"]
+    print(f"{result['model']} on {result['device']} ({result['machine']}, {result['cpus']} cpus, "
+          f"{result['torch_threads']} threads); image {image}")
+    print(f"{'path':34s} {'wall s':>7s} {'cpu s':>7s} {'x wall':>7s} {'x cpu':>6s} "
+          f"{'maxerr':>8s} {'meanerr':>8s} {'IoU p50':>7s} {'IoU p5':>7s}")
+    for name, r in rows.items():
+        extra = ""
+        if name != "baseline":
+            extra = (f" {r['embed_max_abs_over_mean_abs']:8.1e} {r['embed_mean_abs_over_mean_abs']:8.1e}"
+                     f" {r['iou_median']:7.3f} {r['iou_p5']:7.3f}")
+        print(f"{name:34s} {r['wall_s']:7.2f} {r['cpu_s']:7.2f} {r['speedup_wall']:7.2f} "
+              f"{r['speedup_cpu']:6.2f}{extra}")
+    print(f"({result['embed']['degenerate_reference_masks']} of {result['embed']['prompts']} reference "
+          "masks are empty or full)")
+    for label, d in result["decode"].items():
+        if isinstance(d, dict):
+            print(f"decode {label:28s} p50 {d['p50_ms']:6.1f} ms  p95 {d['p95_ms']:6.1f} ms  "
+                  f"(upsample p50 {d['upsample_p50_ms']:.1f} ms)")
+    for label, d in result.get("gpu_batches", {}).get("batches", {}).items():
+        print(f"gpu {label:20s} {d['slices_per_s']:7.1f} slices/s  {d['tflops']:6.1f} TFLOP/s  "
+              f"{100 * d['fraction_of_peak']:5.1f}% of {args.peak_tflops} TFLOP/s  "
+              f"{d['max_memory_GiB']:.1f} GiB")
+    auto = next(r for n, r in rows.items() if n.startswith("auto"))
+    result["targets"] = {
+        "embedding >= 3x (auto, wall)": auto["speedup_wall"] >= 3,
+        "embedding >= 3x (auto, cpu time)": auto["speedup_cpu"] >= 3,
+        "IoU median >= 0.99 (auto)": auto["iou_median"] >= 0.99,
+        "IoU p5 >= 0.95 (auto)": auto["iou_p5"] >= 0.95,
+        "decode p50 <= 30 ms (fp32)": result["decode"]["fp32"]["p50_ms"] <= 30,
+    }
+    for k, ok in result["targets"].items():
+        print(f"{'PASS' if ok else 'MISS'}  {k}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

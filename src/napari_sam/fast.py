@@ -1,0 +1,425 @@
+"""Speed paths for SAM's image encoder, each checked against the reference path.
+
+The reference path is ``sam.image_encoder(sam.preprocess(x))`` in float32, exactly as
+``segment_anything.SamPredictor``. The fast path runs the *same* modules and weights
+through a functional re-implementation of ``ImageEncoderViT.forward`` that
+
+* replaces each block's attention (``q @ k^T``, decomposed relative-position bias,
+  softmax, ``@ v``) by one ``torch.nn.functional.scaled_dot_product_attention`` call
+  that carries the relative-position bias as an additive ``attn_mask``
+  (``fused_attention``);
+* optionally runs under ``torch.autocast`` in bfloat16 / float16 (``autocast``); the
+  residual stream, the layer norms of the neck and the returned features stay float32;
+* optionally wraps that function in ``torch.compile`` (``compile``).
+
+Nothing is patched: neither the ``segment_anything`` classes nor the given ``Sam`` are
+changed, no weights are copied, and the reference path stays available. Encoders that are
+not a stock ``ImageEncoderViT`` (other backbones, subclasses, hooked attention) fall back
+to calling the module itself (autocast still applies).
+
+Every fast path can be switched off: ``speed_config(device, mode="off")`` or the
+environment variable ``NAPARI_SAM_FAST=0`` gives the reference path.
+
+Examples
+--------
+>>> cfg = speed_config("cpu")                                   # doctest: +SKIP
+>>> encode = prepare_encoder(model.sam, cfg)                     # doctest: +SKIP
+>>> features = encode(model.sam.preprocess(x))                   # (B, 256, 64, 64) float32
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from ._errors import InvalidInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from segment_anything.modeling import Sam
+
+    from .embeddings import Embedding
+    from .models import SamModel
+
+__all__ = [
+    "ENV_FAST",
+    "OFF",
+    "SpeedConfig",
+    "cpu_has_fast_bf16",
+    "encode_batch",
+    "encoder_for",
+    "prepare_encoder",
+    "preprocess",
+    "resolve_autocast",
+    "speed_config",
+    "with_batch_size",
+]
+
+ENV_FAST = "NAPARI_SAM_FAST"
+_AUTOCAST = (None, "bf16", "fp16", "auto")
+_MODES = ("auto", "off", "fused", "bf16", "fp16", "compile")
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """Which speed paths the image encoder uses.
+
+    Attributes
+    ----------
+    fused_attention : bool
+        One ``scaled_dot_product_attention`` call per attention layer, with SAM's
+        decomposed relative-position bias as an additive mask. Same math as the
+        reference; float32 results agree to float rounding.
+    autocast : {None, "bf16", "fp16", "auto"}
+        Run the encoder under ``torch.autocast`` in that precision. ``"auto"`` is resolved
+        per device by :func:`resolve_autocast`. None: float32.
+    compile : bool
+        Wrap the encoder function in ``torch.compile`` (first call compiles: tens of
+        seconds to minutes).
+    batch_size : int
+        Slices per encoder call in :func:`encode_batch`.
+    """
+
+    fused_attention: bool = True
+    autocast: str | None = "auto"
+    compile: bool = False
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.autocast not in _AUTOCAST:
+            raise InvalidInputError(
+                f"autocast must be one of {list(_AUTOCAST)}, got {self.autocast!r}"
+            )
+        if int(self.batch_size) < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def is_reference(self) -> bool:
+        """True when no speed path is on (the plain float32 encoder)."""
+        return not self.fused_attention and self.autocast is None and not self.compile
+
+
+OFF = SpeedConfig(fused_attention=False, autocast=None, compile=False)
+
+
+def _env_off() -> bool:
+    return os.environ.get(ENV_FAST, "").strip().lower() in ("0", "off", "false", "no")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True if this CPU has native bfloat16 matmul (AVX512_BF16 or AMX).
+
+    On such CPUs a bf16 matmul measured 3-4x faster than float32 (see
+    ``benchmarks/RESULTS.md``); without them bf16 is emulated and not faster.
+    """
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(cpu, name, None)
+        try:
+            if check is not None and check():
+                return True
+        except Exception:  # pragma: no cover - private API changed
+            pass
+    try:
+        capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    except Exception:  # pragma: no cover
+        return False
+    return "BF16" in capability or "AMX" in capability
+
+
+def resolve_autocast(device: "str | torch.device", autocast: str | None) -> str | None:
+    """The precision ``autocast`` means on ``device``: None, "bf16" or "fp16".
+
+    ``"auto"``: CUDA -> bf16 where supported, else fp16; CPU -> bf16 when
+    :func:`cpu_has_fast_bf16`, else None; any other device -> None.
+    """
+    import torch
+
+    if autocast != "auto":
+        return autocast
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if dev.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16() else None
+    return None
+
+
+def speed_config(device: "str | torch.device", *, mode: str = "auto") -> SpeedConfig:
+    """The speed paths to use on ``device``.
+
+    Parameters
+    ----------
+    device : str or torch.device
+        Where the encoder runs.
+    mode : {"auto", "off", "fused", "bf16", "fp16", "compile"}
+        ``"auto"``: fused attention, autocast chosen per device (see
+        :func:`resolve_autocast`), batch size 4 on CUDA and 1 elsewhere, no compile.
+        ``"off"``: the reference path. ``"fused"``: fused attention in float32 only.
+        ``"bf16"`` / ``"fp16"``: fused attention and that autocast. ``"compile"``: auto
+        plus ``torch.compile``. ``$NAPARI_SAM_FAST=0`` forces ``"off"``.
+
+    Returns
+    -------
+    SpeedConfig
+        With ``autocast`` already resolved for the device (never ``"auto"``).
+    """
+    import torch
+
+    if mode not in _MODES:
+        raise InvalidInputError(f"mode must be one of {list(_MODES)}, got {mode!r}")
+    if mode == "off" or _env_off():
+        return OFF
+    dev = torch.device(device)
+    batch = 4 if dev.type == "cuda" else 1
+    if mode == "fused":
+        return SpeedConfig(fused_attention=True, autocast=None, batch_size=batch)
+    if mode in ("bf16", "fp16"):
+        return SpeedConfig(fused_attention=True, autocast=mode, batch_size=batch)
+    return SpeedConfig(
+        fused_attention=True,
+        autocast=resolve_autocast(dev, "auto"),
+        compile=mode == "compile",
+        batch_size=batch,
+    )
+
+
+# ------------------------------------------------------------------ the fused encoder
+def _rel_pos_bias(q: "torch.Tensor", rel_pos_h, rel_pos_w, hw: tuple[int, int]) -> "torch.Tensor":
+    """SAM's decomposed relative-position bias as an additive mask, (B, nH, N, N).
+
+    ``q`` is (B, nH, N, C) and *unscaled*, as in ``add_decomposed_rel_pos``.
+    """
+    import torch
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    h, w = hw
+    b, nh, _, c = q.shape
+    rh = get_rel_pos(h, h, rel_pos_h).to(q.dtype)  # (h, h, C)
+    rw = get_rel_pos(w, w, rel_pos_w).to(q.dtype)  # (w, w, C)
+    r_q = q.reshape(b, nh, h, w, c)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)  # (B, nH, h, w, kh)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)  # (B, nH, h, w, kw)
+    # written straight into a contiguous buffer: einsum's outputs are permuted views, and a
+    # plain ``+`` would inherit their layout and cost a second 4096 x 4096 x nH copy
+    # (under torch.compile the fused kernel writes it contiguously anyway)
+    if torch.compiler.is_compiling():
+        return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, nh, h * w, h * w)
+    bias = torch.empty((b, nh, h, w, h, w), dtype=q.dtype, device=q.device)
+    torch.add(rel_h[..., :, None], rel_w[..., None, :], out=bias)  # (B, nH, h, w, kh, kw)
+    return bias.view(b, nh, h * w, h * w)
+
+
+def _attention(attn, x: "torch.Tensor") -> "torch.Tensor":
+    """``segment_anything...image_encoder.Attention.forward`` with one SDPA call."""
+    import torch.nn.functional as F
+
+    b, h, w, _ = x.shape
+    n = h * w
+    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (B, nH, N, C)
+    mask = _rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w)) if attn.use_rel_pos else None
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(b, h, w, -1)
+    return attn.proj(out)
+
+
+def _block(blk, x: "torch.Tensor", fused: bool) -> "torch.Tensor":
+    """``Block.forward`` with the attention of :func:`_attention` when ``fused``."""
+    from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+
+    shortcut = x
+    x = blk.norm1(x)
+    if blk.window_size > 0:
+        hw = (x.shape[1], x.shape[2])
+        x, pad_hw = window_partition(x, blk.window_size)
+    x = _attention(blk.attn, x) if fused else blk.attn(x)
+    if blk.window_size > 0:
+        x = window_unpartition(x, blk.window_size, pad_hw, hw)
+    x = shortcut + x  # float32 residual stream under autocast (shortcut is float32)
+    return x + blk.mlp(blk.norm2(x))
+
+
+def _neck(neck, x: "torch.Tensor") -> "torch.Tensor":
+    """The neck (conv, LayerNorm2d, conv, LayerNorm2d) with the norms in float32."""
+    import torch
+    from segment_anything.modeling.common import LayerNorm2d
+
+    for layer in neck:
+        if isinstance(layer, LayerNorm2d):
+            with torch.autocast(x.device.type, enabled=False):
+                x = layer(x.float())
+        else:
+            x = layer(x)
+    return x
+
+
+def _is_stock_vit(encoder) -> bool:
+    """True for an unmodified ``ImageEncoderViT`` whose pieces the fused path knows."""
+    from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT
+
+    if type(encoder) is not ImageEncoderViT:
+        return False
+    for blk in encoder.blocks:
+        if type(blk) is not Block or type(blk.attn) is not Attention:
+            return False
+        # a per-instance forward override or hooks would be skipped by the fused path
+        for mod in (blk, blk.attn):
+            if "forward" in vars(mod) or mod._forward_hooks or mod._forward_pre_hooks:
+                return False
+    return True
+
+
+_AMP = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def prepare_encoder(sam: "Sam", config: SpeedConfig) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+    """A function ``x -> features`` running ``sam.image_encoder`` with ``config``.
+
+    Parameters
+    ----------
+    sam : segment_anything.modeling.Sam
+        The model; neither it nor its modules are changed, and no weights are copied
+        (parameters are read at call time, so moving ``sam`` to another device is fine).
+    config : SpeedConfig
+        Which speed paths to use; ``autocast="auto"`` is resolved for the device of the
+        input at each call.
+
+    Returns
+    -------
+    callable
+        ``encode(x)`` with ``x`` the preprocessed batch (B, 3, S, S) float32
+        (``sam.preprocess`` output, S = 1024 for the official models), returning the
+        image embeddings (B, C, S/16, S/16) float32 (C = 256), under ``inference_mode``.
+    """
+    import torch
+
+    encoder = sam.image_encoder
+    if config.is_reference:
+        def reference(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return encoder(x)
+
+        return reference
+
+    stock = _is_stock_vit(encoder)
+    fused = config.fused_attention and stock
+
+    def body(x: torch.Tensor) -> torch.Tensor:
+        if not stock:  # unknown backbone: the module itself (autocast still applies)
+            return encoder(x).float()
+        x = encoder.patch_embed(x)
+        if encoder.pos_embed is not None:
+            x = x + encoder.pos_embed
+        x = x.float()  # the residual stream stays float32 under autocast
+        for blk in encoder.blocks:
+            x = _block(blk, x, fused)
+        return _neck(encoder.neck, x.permute(0, 3, 1, 2)).float()
+
+    run = torch.compile(body, dynamic=False) if config.compile else body
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        mode = resolve_autocast(x.device, config.autocast)
+        amp_dtype = getattr(torch, _AMP[mode]) if mode else None
+        with torch.inference_mode(), torch.autocast(
+            x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
+        ):
+            return run(x).float()
+
+    encode.config = config  # type: ignore[attr-defined]
+    encode.fused = fused  # type: ignore[attr-defined]
+    return encode
+
+
+_ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ENCODERS_LOCK = threading.Lock()
+
+
+def encoder_for(model: "SamModel", config: SpeedConfig | None = None) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+    """:func:`prepare_encoder` for ``model``, cached per (Sam, config).
+
+    ``config`` None: ``speed_config(model.device)`` (``$NAPARI_SAM_FAST`` is read each
+    call, so setting it to 0 switches the fast path off for later slices).
+    """
+    cfg = speed_config(model.device) if config is None else config
+    with _ENCODERS_LOCK:
+        per_model = _ENCODERS.setdefault(model.sam, {})
+        fn = per_model.get(cfg)
+        if fn is None:
+            fn = per_model[cfg] = prepare_encoder(model.sam, cfg)
+        return fn
+
+
+# ------------------------------------------------------------------ batched encoding
+def preprocess(sam: "Sam", rgb: np.ndarray, device) -> tuple["torch.Tensor", tuple[int, int]]:
+    """One (Y, X, 3) uint8 image -> ((1, 3, S, S) float32, input size), as ``SamPredictor``.
+
+    ``ResizeLongestSide.apply_image`` (PIL resize of the uint8 image), then
+    ``sam.preprocess`` (normalise with the pixel mean and std, pad to S x S).
+    """
+    import torch
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    if not (isinstance(rgb, np.ndarray) and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8):
+        raise InvalidInputError(
+            "each slice must be a (Y, X, 3) uint8 array (Stack.rgb(i)), got "
+            f"{type(rgb).__name__} of shape {getattr(rgb, 'shape', None)} and dtype {getattr(rgb, 'dtype', None)}"
+        )
+    transform = ResizeLongestSide(sam.image_encoder.img_size)
+    resized = transform.apply_image(rgb)
+    x = torch.as_tensor(resized, device=device).permute(2, 0, 1).contiguous()[None]
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    with torch.inference_mode():
+        return sam.preprocess(x), size
+
+
+def encode_batch(
+    model: "SamModel",
+    rgbs: Sequence[np.ndarray],
+    *,
+    config: SpeedConfig | None = None,
+) -> list["Embedding"]:
+    """Embeddings of several slices, ``config.batch_size`` slices per encoder call.
+
+    Parameters
+    ----------
+    model : SamModel
+        The loaded model.
+    rgbs : sequence of numpy.ndarray of uint8, each (Y, X, 3)
+        Normalised slices (:meth:`napari_sam.Stack.rgb`); sizes may differ.
+    config : SpeedConfig, optional
+        Default ``speed_config(model.device)`` (batch 4 on CUDA, 1 on CPU).
+
+    Returns
+    -------
+    list of Embedding
+        One per slice, in order; each ``features`` is its own (1, C, h, w) float32 tensor
+        on the model's device (not a view of the batch).
+    """
+    import torch
+
+    from .embeddings import Embedding
+
+    cfg = speed_config(model.device) if config is None else config
+    encode = encoder_for(model, cfg)
+    out: list[Embedding] = []
+    for start in range(0, len(rgbs), cfg.batch_size):
+        chunk = rgbs[start : start + cfg.batch_size]
+        xs, sizes = zip(*(preprocess(model.sam, rgb, model.device) for rgb in chunk))
+        with torch.inference_mode():
+            feats = encode(torch.cat(xs))
+        for i, (rgb, size) in enumerate(zip(chunk, sizes)):
+            out.append(Embedding(feats[i : i + 1].clone(), size, (int(rgb.shape[0]), int(rgb.shape[1]))))
+    return out
+
+
+def with_batch_size(config: SpeedConfig, batch_size: int) -> SpeedConfig:
+    """``config`` with another ``batch_size``."""
+    return replace(config, batch_size=int(batch_size))
