@@ -146,6 +146,11 @@ class Output:
                         return
                     if not same_work:  # no record of what is done: start over inside it
                         _rm(self.work)
+                elif meta is None and same_work:
+                    # our own output, interrupted (killed, disk full) while being created,
+                    # before its attrs were written: the work folder, created first, has
+                    # this job's record. _create() below finishes it.
+                    pass
                 elif overwrite:
                     _rm(self.path)
                     _rm(self.work)

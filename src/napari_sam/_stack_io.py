@@ -196,6 +196,31 @@ def _imagej_scale(tif: Any, axes: str) -> tuple[list[float], list[str | None]]:
     return scale, units
 
 
+def _check_compression(series: Any, path: str) -> None:
+    """Refuse up front a TIFF whose compression cannot be decoded here (instead of failing
+    on the first slice read with tifffile's bare message)."""
+    import tifffile
+
+    page = series.keyframe if getattr(series, "keyframe", None) is not None else series.pages[0]
+    if page is None or not hasattr(page, "tags"):
+        return
+    value = page.tags.valueof(259, 1)
+    try:
+        tifffile.TIFF.DECOMPRESSORS[value]
+        return
+    except Exception as exc:  # KeyError: unknown code; others: codec not installed
+        why = type(exc).__name__
+    try:
+        name = tifffile.COMPRESSION(value).name
+    except ValueError:
+        name = "unknown"
+    raise StackError(
+        f"TIFF file {path!r} uses compression {value} ({name}), which cannot be decoded "
+        f"here ({why}); readable: uncompressed, LZW, deflate/zlib, PackBits, JPEG, zstd, "
+        "LZMA and the other codecs of tifffile + imagecodecs; re-save the file with one"
+    )
+
+
 def open_tiff(path: str) -> SourceInfo:
     """Open the first series of a TIFF file (level 0 of a pyramid) as a lazy zarr array.
 
@@ -229,6 +254,7 @@ def open_tiff(path: str) -> SourceInfo:
         if not tif.series:
             raise StackError(f"TIFF file {path!r} contains no image series")
         series = tif.series[0]
+        _check_compression(series, path)
         node = zarr.open(series.aszarr(level=0), mode="r")
         if not hasattr(node, "shape"):  # a group of levels: take level 0
             node = node["0"]

@@ -15,7 +15,9 @@ STACK is a TIFF, zarr or OME-Zarr image, or a folder of them (then OUT is a fold
 ground truth) prompted at every nucleus, and report the IoU with the ground truth.
 
 Jobs resume when started again with the same arguments; an existing output from another
-job is refused unless ``--overwrite``. User errors exit with status 2 and one line.
+job is refused unless ``--overwrite``. User errors exit with status 2 and one line; a file
+system error (disk full, read-only folder) exits with status 1 and one line, the finished
+part kept for the resume.
 """
 
 from __future__ import annotations
@@ -303,6 +305,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"napari-sam: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, read-only or vanished output folder, ...
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"napari-sam: error: could not read or write a file ({type(err).__name__}: {msg}); "
+              "the work done so far is kept: fix the cause (free disk space, permissions) and "
+              "run the same command again to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("napari-sam: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
