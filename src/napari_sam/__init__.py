@@ -36,6 +36,8 @@ _LAZY = {
     "Embedding": "embeddings",
     "Segmenter": "segment",
     "Prediction": "segment",
+    "TiledSegmenter": "tiling",
+    "TiledStack": "tiling",
     # labels
     "paint": "labels",
     "undo": "labels",
@@ -82,3 +84,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .models import REGISTRY, Architecture, SamModel, default_model_name, list_models, load_model
     from .segment import Prediction, Segmenter
     from .stacks import Stack, open_stack
+    from .tiling import TiledSegmenter, TiledStack
