@@ -313,3 +313,36 @@ def test_batched_embed_equals_one_by_one(tiny_model, synthetic_stack, tmp_path):
     for i in (0, 5):
         a, b = batched.cache.get(i).features, single.cache.get(i).features
         assert (a - b).abs().max() <= 1e-2 * b.abs().max()  # float16 store
+
+
+WALK_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, numpy as np, psutil
+    import napari_sam as ns
+    model = ns.load_model(checkpoint=sys.argv[1], device="cpu")
+    import tifffile
+    from napari_sam.synthetic import make_nuclei_stack
+    tile = make_nuclei_stack((1, 512, 512), n_nuclei=12, z_anisotropy=1.0)[0][0]
+    page = np.zeros((2048, 2048), np.uint16)
+    page[:512, :512] = tile
+    tifffile.imwrite(sys.argv[2], (np.roll(page, z, axis=1) for z in range(90)), shape=(90, 2048, 2048),
+                     dtype=np.uint16, compression="zlib", photometric="minisblack")
+    stack = ns.open_stack(sys.argv[2])
+    cache = ns.EmbeddingCache(model, stack, memory_bytes=4 * 256 * 64 * 64 * 4)
+    rss = []
+    for i in range(len(stack)):
+        cache.get(i)
+        rss.append(psutil.Process().memory_info().rss)
+    print(json.dumps(rss))
+    """
+)
+
+
+@pytest.mark.slow
+def test_rss_stays_flat_while_walking_slices(tiny_checkpoint, tmp_path):
+    """RSS stays flat once the memory cache is full (bench_engine walks 1000 slices)."""
+    out = subprocess.run([sys.executable, "-c", WALK_SCRIPT, str(tiny_checkpoint), str(tmp_path / "walk.tif")],
+                         capture_output=True, text=True, check=True)
+    rss = json.loads(out.stdout.strip().splitlines()[-1])
+    growth = (max(rss[30:]) - rss[30]) / 1e6
+    assert growth < 60, f"RSS grew by {growth:.0f} MB from slice 30 to 90"

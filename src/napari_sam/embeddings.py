@@ -173,7 +173,10 @@ class EmbeddingCache:
         verify_slices: bool = True,
         speed: "str | SpeedConfig" = "auto",
     ) -> None:
+        from ._memory import limit_heap_fragmentation
         from .fast import SpeedConfig, speed_config
+
+        limit_heap_fragmentation()  # RSS stays flat while slices stream through
 
         if store_dtype not in ("float16", "float32"):
             raise InvalidInputError(
