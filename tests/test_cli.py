@@ -143,3 +143,31 @@ def test_sample_demo_without_stack(tiny_checkpoint, tmp_path, capsys):
     assert "mean IoU vs ground truth" in text and "real SAM weights" in text
     for name in ("napari_sam_sample.tif", "napari_sam_sample_truth.tif", "sample_labels.tif"):
         assert (out.parent / name).exists()
+
+
+def test_folder_of_images(tiny_checkpoint, tiny_model, stack3d, tmp_path):
+    """A folder as STACK: one output per image, prompts from <name>.csv; no CSV -> skipped."""
+    src = tmp_path / "images"
+    src.mkdir()
+    data = tifffile.imread(stack3d)
+    tifffile.imwrite(src / "a.tif", data, metadata={"axes": "ZYX"}, photometric="minisblack")
+    tifffile.imwrite(src / "b.tif", data[::-1].copy(), metadata={"axes": "ZYX"}, photometric="minisblack")
+    tifffile.imwrite(src / "c.tif", data, metadata={"axes": "ZYX"}, photometric="minisblack")
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    _napari_points_csv(prompts / "a.csv", [(1, 15, 18, 1)])
+    _napari_points_csv(prompts / "b.csv", [(2, 30, 40, 1)])
+    out = tmp_path / "labels"
+    rc = cli.main(["segment", str(src), "--prompts", str(prompts), "--out", str(out),
+                   "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "-q"])
+    assert rc == 0
+    outputs = sorted(p.name for p in out.iterdir())
+    assert any(n.startswith("a.") for n in outputs) and any(n.startswith("b.") for n in outputs)
+    assert not any(n.startswith("c.") for n in outputs)
+    for name, (z, y, x) in (("a", (1, 15, 18)), ("b", (2, 30, 40))):
+        path = next(out.glob(f"{name}.*"))
+        labels = np.asarray(ns.open_stack(path).data)
+        stack = ns.open_stack(src / f"{name}.tif")
+        expected = ns.Segmenter(tiny_model, stack).segment(z, points=[[y, x]])
+        np.testing.assert_array_equal(labels[z] == 1, expected)
+        assert not np.delete(labels, z, axis=0).any()
