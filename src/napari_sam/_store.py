@@ -34,7 +34,7 @@ def open_signature_group(
         it may be the user's data and is never written into.
     """
     import zarr
-    from zarr.errors import ContainsArrayError
+    from zarr.errors import ContainsArrayError, ContainsGroupError
 
     from .embeddings import EmbeddingStoreWarning, signature_key
 
@@ -52,7 +52,10 @@ def open_signature_group(
         "never written into: choose a new path such as 'image.embeddings.zarr'"
     )
     try:
-        root = zarr.open_group(path, mode="a", zarr_format=3)
+        try:
+            root = zarr.open_group(path, mode="a", zarr_format=3)
+        except ContainsGroupError:  # another process created it between zarr's look and write
+            root = zarr.open_group(path, mode="a", zarr_format=3)
         writable = True
     except ContainsArrayError:
         raise foreign from None
