@@ -32,41 +32,27 @@ def decode_raw(seg: "Segmenter", emb, prompts: list[dict], *, multimask: bool):
     ``prompts``: dicts with ``points`` (y, x) / ``point_labels``, ``box`` (y0, x0, y1, x1),
     ``mask_input`` (256, 256), every dict with the same kinds. Points are padded with
     SAM's ignored label -1. Returns low-res logits (B, K, 256, 256) and IoU (B, K), numpy.
-    (The batched twin of ``Segmenter._decode``, which takes one object's points and mask.)
+    (Pads the prompt sets and calls :func:`napari_sam.segment.decode`.)
     """
-    import torch
-    from segment_anything.utils.transforms import ResizeLongestSide
+    from .segment import decode
 
-    from .segment import _to_sam_xy  # the one (y, x) -> (x, y) flip
-
-    sam, device = seg.model.sam, seg.model.device
-    transform = ResizeLongestSide(sam.image_encoder.img_size)
-    point_t = box_t = mask_t = None
+    points = labels = boxes = masks = None
     if prompts[0].get("points") is not None:
         n = max(len(p["points"]) for p in prompts)
-        coords = np.zeros((len(prompts), n, 2))
+        points = np.zeros((len(prompts), n, 2))
         labels = -np.ones((len(prompts), n), np.int64)
         for b, p in enumerate(prompts):
             k = len(p["points"])
-            coords[b, :k] = _to_sam_xy(np.asarray(p["points"], float).reshape(-1, 2))
+            points[b, :k] = np.asarray(p["points"], float).reshape(-1, 2)
             labels[b, :k] = p["point_labels"]
-        coords = transform.apply_coords(coords, emb.original_size)
-        point_t = (torch.as_tensor(coords, dtype=torch.float, device=device),
-                   torch.as_tensor(labels, dtype=torch.int, device=device))
     if prompts[0].get("box") is not None:
-        boxes = transform.apply_boxes(_to_sam_xy(np.stack([p["box"] for p in prompts])),
-                                      emb.original_size)
-        box_t = torch.as_tensor(boxes, dtype=torch.float, device=device)
+        boxes = np.stack([p["box"] for p in prompts])
     if prompts[0].get("mask_input") is not None:
-        m = np.stack([np.asarray(p["mask_input"], np.float32).reshape(1, 256, 256) for p in prompts])
-        mask_t = torch.as_tensor(m, device=device)
-    with torch.inference_mode():
-        sparse, dense = sam.prompt_encoder(points=point_t, boxes=box_t, masks=mask_t)
-        low, iou = sam.mask_decoder(
-            image_embeddings=emb.features, image_pe=sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-            multimask_output=multimask)
-    return low.float().cpu().numpy(), iou.float().cpu().numpy()
+        masks = np.stack([np.asarray(p["mask_input"], np.float32) for p in prompts])
+        masks = masks.reshape(len(prompts), 1, *masks.shape[-2:])  # (B, 1, h, w)
+    low, iou = decode(seg.model, emb, points=points, point_labels=labels, boxes=boxes,
+                      mask_input=masks, multimask=multimask)
+    return low.numpy(), iou.numpy()
 
 
 def auto_segment_slice(

@@ -112,18 +112,15 @@ def encode_slice(model: "SamModel", rgb: np.ndarray, *, speed: "SpeedConfig | No
     from .fast import encoder_for, preprocess
 
     size = model.sam.image_encoder.img_size
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise InvalidInputError(
-            f"the encoder takes a (Y, X, 3) uint8 image, got shape {rgb.shape} dtype {rgb.dtype}"
-        )
-    short = ResizeLongestSide.get_preprocess_shape(rgb.shape[0], rgb.shape[1], size)
+    yx = np.shape(rgb)[:2]
+    short = ResizeLongestSide.get_preprocess_shape(yx[0], yx[1], size) if len(yx) == 2 else (1,)
     if min(short) < 1:
         raise InvalidInputError(
-            f"a slice of shape {rgb.shape[:2]} is too elongated for SAM: resized so that its "
+            f"a slice of shape {yx} is too elongated for SAM: resized so that its "
             f"longest side is {size} px, its short side would be {min(short)} px; crop it, or "
             "give slices whose aspect ratio is below 1:" + str(2 * size)
         )
-    x, input_size = preprocess(model.sam, rgb, model.device)
+    x, input_size = preprocess(model.sam, rgb, model.device)  # checks (Y, X, 3) uint8
     with torch.inference_mode():
         features = encoder_for(model, speed)(x)
     return Embedding(features, input_size, (int(rgb.shape[0]), int(rgb.shape[1])))

@@ -225,34 +225,15 @@ class Segmenter:
 
     # ------------------------------------------------------------------ SAM calls
     def _decode(self, emb: Embedding, points, labels, boxes, mask_input, multimask: bool):
-        """Prompt encoder + mask decoder, as ``SamPredictor.predict_torch`` (B = len(boxes))."""
-        import torch
-        from segment_anything.utils.transforms import ResizeLongestSide
-
-        sam = self.model.sam
-        device = self.model.device
-        transform = ResizeLongestSide(sam.image_encoder.img_size)
-        point_t = box_t = mask_t = None
-        if points is not None:
-            coords = transform.apply_coords(_to_sam_xy(points), emb.original_size)
-            coords_t = torch.as_tensor(coords, dtype=torch.float, device=device)[None]
-            labels_t = torch.as_tensor(labels, dtype=torch.int, device=device)[None]
-            point_t = (coords_t, labels_t)
-        if boxes is not None:
-            sam_boxes = transform.apply_boxes(_to_sam_xy(boxes), emb.original_size)
-            box_t = torch.as_tensor(sam_boxes, dtype=torch.float, device=device)
-        if mask_input is not None:
-            mask_t = torch.as_tensor(mask_input, dtype=torch.float, device=device)[None]
-        with torch.inference_mode():
-            sparse, dense = sam.prompt_encoder(points=point_t, boxes=box_t, masks=mask_t)
-            low_res, iou = sam.mask_decoder(
-                image_embeddings=emb.features,
-                image_pe=sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-            )
-        return low_res.float().cpu(), iou.float().cpu()
+        """One object's points and mask (and B boxes): :func:`decode` with a batch of one."""
+        return decode(
+            self.model, emb,
+            points=None if points is None else np.asarray(points)[None],
+            point_labels=None if labels is None else np.asarray(labels)[None],
+            boxes=boxes,
+            mask_input=None if mask_input is None else np.asarray(mask_input)[None],
+            multimask=multimask,
+        )
 
     def _upsample(self, emb: Embedding, logits: np.ndarray) -> np.ndarray:
         """(K, 256, 256) logits -> (K, Y, X) bool masks at the slice's resolution."""
@@ -264,6 +245,55 @@ class Segmenter:
                 torch.as_tensor(logits)[None], emb.input_size, emb.original_size
             )
         return (full[0] > sam.mask_threshold).numpy()
+
+
+def decode(model: "SamModel", emb: Embedding, *, points=None, point_labels=None, boxes=None,
+           mask_input=None, multimask: bool):
+    """SAM's prompt encoder + mask decoder for B prompt sets on one embedding.
+
+    The same calls as ``SamPredictor.predict_torch``; the one place where prompts meet SAM.
+
+    Parameters
+    ----------
+    points : array, shape (B, N, 2), optional
+        (y, x) pixel coordinates of the slice.
+    point_labels : array, shape (B, N), optional
+        1 positive, 0 negative, -1 padding (ignored by SAM).
+    boxes : array, shape (B, 4), optional
+        (y0, x0, y1, x1).
+    mask_input : array, shape (B, 1, h, w), optional
+        Low-resolution logits of earlier predictions.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        Low-resolution logits (B, K, h, w) and predicted IoU (B, K), float32 on the CPU.
+    """
+    import torch
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    sam, device = model.sam, model.device
+    transform = ResizeLongestSide(sam.image_encoder.img_size)
+    point_t = box_t = mask_t = None
+    if points is not None:
+        coords = transform.apply_coords(_to_sam_xy(points), emb.original_size)
+        point_t = (torch.as_tensor(coords, dtype=torch.float, device=device),
+                   torch.as_tensor(point_labels, dtype=torch.int, device=device))
+    if boxes is not None:
+        sam_boxes = transform.apply_boxes(_to_sam_xy(boxes), emb.original_size)
+        box_t = torch.as_tensor(sam_boxes, dtype=torch.float, device=device)
+    if mask_input is not None:
+        mask_t = torch.as_tensor(mask_input, dtype=torch.float, device=device)
+    with torch.inference_mode():
+        sparse, dense = sam.prompt_encoder(points=point_t, boxes=box_t, masks=mask_t)
+        low_res, iou = sam.mask_decoder(
+            image_embeddings=emb.features,
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+    return low_res.float().cpu(), iou.float().cpu()
 
 
 # ---------------------------------------------------------------------- validation
