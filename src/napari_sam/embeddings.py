@@ -39,13 +39,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import numpy as np
 
 from ._errors import InvalidInputError
+from ._memory import release_free_memory
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .fast import SpeedConfig
-
     from .models import SamModel
+    from .prefetch import Prefetcher
     from .stacks import Stack
 
 __all__ = ["Embedding", "EmbeddingCache", "EmbeddingStoreWarning", "FORMAT_VERSION"]
@@ -170,10 +171,7 @@ class EmbeddingCache:
         verify_slices: bool = True,
         speed: "str | SpeedConfig" = "auto",
     ) -> None:
-        from ._memory import limit_heap_fragmentation
         from .fast import SpeedConfig, speed_config
-
-        limit_heap_fragmentation()  # RSS stays flat while slices stream through
 
         if store_dtype not in ("float16", "float32"):
             raise InvalidInputError(
@@ -192,6 +190,7 @@ class EmbeddingCache:
         self._memory_used = 0
         self._lock = threading.RLock()
         self._slice_locks: dict[int, threading.Lock] = {}
+        self._prefetcher: "Prefetcher | None" = None
         self._group = None
         self._writable = False
         self.store_path = Path(store) if store is not None else None
@@ -253,6 +252,29 @@ class EmbeddingCache:
             with self._lock:
                 self._memory_put(index, emb)
             return emb
+
+    def in_memory(self, index: int) -> bool:
+        """True if slice ``index`` is in the memory cache (a :meth:`get` returns at once)."""
+        index = self._check_index(index)
+        with self._lock:
+            return index in self._memory
+
+    @property
+    def prefetcher(self) -> "Prefetcher":
+        """This cache's :class:`napari_sam.prefetch.Prefetcher` (made on first use)."""
+        with self._lock:
+            if self._prefetcher is None:
+                from .prefetch import Prefetcher
+
+                self._prefetcher = Prefetcher(self)
+            return self._prefetcher
+
+    def cancel_prefetch(self) -> None:
+        """Drop the prefetcher's queue, if there is one (the slice in work finishes)."""
+        with self._lock:
+            pre = self._prefetcher
+        if pre is not None:
+            pre.cancel()
 
     def is_cached(self, index: int) -> bool:
         """True if slice ``index`` is in memory or has a record in the store (not verified)."""
@@ -330,6 +352,7 @@ class EmbeddingCache:
                         with self._lock:
                             self._memory_put(index, emb)
                 encoded += len(missing)
+                release_free_memory()
             done += len(chunk)
             if progress is not None:
                 progress(done, len(todo))
@@ -437,6 +460,7 @@ class EmbeddingCache:
         emb = encode_slice(self.model, self.stack.rgb(index), speed=self.speed)
         self.stats["encoder_calls"] += 1
         self._save(index, emb)
+        release_free_memory()  # resident memory stays flat over a stack walk (_memory.py)
         return emb
 
     def _check_index(self, index: int) -> int:
