@@ -108,14 +108,17 @@ def test_float32_store_is_exact(tiny_model, synthetic_stack, tmp_path):
     assert seg.cache.stats["encoder_calls"] == 0
 
 
-def test_segment_boxes_is_one_batch_equal_to_single_boxes(tiny_model, synthetic_stack):
-    seg = ns.Segmenter(tiny_model, synthetic_stack)
+@pytest.mark.parametrize("speed, min_iou", [("fused", 0.999), ("auto", 0.98)])
+def test_segment_boxes_is_one_batch_equal_to_single_boxes(tiny_model, synthetic_stack, speed, min_iou):
+    # float32 ("fused"): batch and single agree to rounding; "auto" may run the decoder's
+    # image side in bf16, where a batch of 3 and of 1 round a few near-zero logits apart
+    seg = ns.Segmenter(tiny_model, synthetic_stack, speed=speed)
     boxes = np.array([[10, 10, 40, 50], [30, 60, 90, 120], [0, 0, 95, 127]])
     masks = seg.segment_boxes(1, boxes)
     assert masks.shape == (3, 96, 128) and masks.dtype == bool
     for box, mask in zip(boxes, masks):
         single = seg.predict(1, box=box, multimask=False).mask
-        assert iou(mask, single) >= 0.999
+        assert iou(mask, single) >= min_iou
     assert seg.segment_boxes(1, np.zeros((0, 4))).shape == (0, 96, 128)
 
 

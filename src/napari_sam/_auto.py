@@ -51,7 +51,7 @@ def decode_raw(seg: "Segmenter", emb, prompts: list[dict], *, multimask: bool):
         masks = np.stack([np.asarray(p["mask_input"], np.float32) for p in prompts])
         masks = masks.reshape(len(prompts), 1, *masks.shape[-2:])  # (B, 1, h, w)
     low, iou = decode(seg.model, emb, points=points, point_labels=labels, boxes=boxes,
-                      mask_input=masks, multimask=multimask)
+                      mask_input=masks, multimask=multimask, speed=seg.cache.speed)
     return low.numpy(), iou.numpy()
 
 

@@ -1,4 +1,8 @@
-"""Speed paths for SAM's image encoder, each checked against the reference path.
+"""Speed paths for SAM's image encoder (and the switch for the fast mask decoder).
+
+:class:`SpeedConfig` also switches the mask decoder's fast path
+(:mod:`napari_sam._decoder`, ``fast_decoder``), which runs its image side in the same
+precision as the encoder's ``autocast``.
 
 The reference path is ``sam.image_encoder(sam.preprocess(x))`` in float32, exactly as
 ``segment_anything.SamPredictor``. The fast path runs the *same* modules and weights
@@ -18,7 +22,7 @@ not a stock ``ImageEncoderViT`` (other backbones, subclasses, hooked attention) 
 to calling the module itself (autocast still applies).
 
 Every fast path can be switched off: ``speed_config(device, mode="off")`` or the
-environment variable ``NAPARI_SAM_FAST=0`` gives the reference path.
+environment variable ``NAPARI_SAM_FAST=0`` gives the reference paths (encoder and decoder).
 
 Examples
 --------
@@ -51,6 +55,7 @@ __all__ = [
     "OFF",
     "SpeedConfig",
     "cpu_has_fast_bf16",
+    "decoder_dtype",
     "encode_batch",
     "encoder_for",
     "prepare_encoder",
@@ -63,6 +68,7 @@ __all__ = [
 ENV_FAST = "NAPARI_SAM_FAST"
 _AUTOCAST = (None, "bf16", "fp16", "auto")
 _MODES = ("auto", "off", "fused", "bf16", "fp16", "compile")
+_AMP = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -83,12 +89,17 @@ class SpeedConfig:
         seconds to minutes).
     batch_size : int
         Slices per encoder call in :func:`encode_batch`.
+    fast_decoder : bool
+        Run the mask decoder as :class:`napari_sam._decoder.FastDecoder`: image-side work
+        of the first block reused per slice, upscaling as matrix products, image side in
+        the ``autocast`` precision (:func:`decoder_dtype`). False: ``sam.mask_decoder``.
     """
 
     fused_attention: bool = True
     autocast: str | None = "auto"
     compile: bool = False
     batch_size: int = 1
+    fast_decoder: bool = True
 
     def __post_init__(self) -> None:
         if self.autocast not in _AUTOCAST:
@@ -100,11 +111,11 @@ class SpeedConfig:
 
     @property
     def is_reference(self) -> bool:
-        """True when no speed path is on (the plain float32 encoder)."""
+        """True when the encoder takes no speed path (the plain float32 encoder)."""
         return not self.fused_attention and self.autocast is None and not self.compile
 
 
-OFF = SpeedConfig(fused_attention=False, autocast=None, compile=False)
+OFF = SpeedConfig(fused_attention=False, autocast=None, compile=False, fast_decoder=False)
 
 
 def _env_off() -> bool:
@@ -150,6 +161,14 @@ def resolve_autocast(device: "str | torch.device", autocast: str | None) -> str 
     if dev.type == "cpu":
         return "bf16" if cpu_has_fast_bf16() else None
     return None
+
+
+def decoder_dtype(device: "str | torch.device", config: SpeedConfig) -> "torch.dtype":
+    """Precision of the fast decoder's image side: ``config.autocast`` resolved for ``device``."""
+    import torch
+
+    mode = resolve_autocast(device, config.autocast)
+    return getattr(torch, _AMP[mode]) if mode else torch.float32
 
 
 def speed_config(device: "str | torch.device", *, mode: str = "auto") -> SpeedConfig:
@@ -275,9 +294,6 @@ def _is_stock_vit(encoder) -> bool:
             if "forward" in vars(mod) or mod._forward_hooks or mod._forward_pre_hooks:
                 return False
     return True
-
-
-_AMP = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 def prepare_encoder(sam: "Sam", config: SpeedConfig) -> Callable[["torch.Tensor"], "torch.Tensor"]:

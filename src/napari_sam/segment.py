@@ -18,6 +18,7 @@ from .embeddings import DEFAULT_MEMORY_BYTES, Embedding, EmbeddingCache
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from .fast import SpeedConfig
     from .models import SamModel
     from .stacks import Stack
 
@@ -143,6 +144,26 @@ class Segmenter:
         """The embedding of slice ``index`` (computed on first use)."""
         return self.cache.get(index)
 
+    def prefetch(self, indices: Iterable[int] | None = None, *, around: int | None = None) -> list[int]:
+        """Embed slices in the background (lower CPU priority); returns the queued indices.
+
+        Parameters
+        ----------
+        indices : iterable of int, optional
+            Slices to embed, in order; replaces the earlier request.
+        around : int, optional
+            Instead of ``indices``: the slice the user is on; it and its next slices in
+            the direction of travel are queued (:meth:`napari_sam.prefetch.Prefetcher.follow`).
+
+        See Also
+        --------
+        napari_sam.prefetch.Prefetcher : ``wait()``, ``cancel()``, ``stats``.
+        """
+        if (indices is None) == (around is None):
+            raise InvalidInputError("pass either indices=[...] or around=<slice index>")
+        pre = self.cache.prefetcher
+        return pre.follow(around) if around is not None else pre.request(indices)
+
     # ------------------------------------------------------------------ prompts
     def predict(
         self,
@@ -233,6 +254,7 @@ class Segmenter:
             boxes=boxes,
             mask_input=None if mask_input is None else np.asarray(mask_input)[None],
             multimask=multimask,
+            speed=self.cache.speed,
         )
 
     def _upsample(self, emb: Embedding, logits: np.ndarray) -> np.ndarray:
@@ -248,10 +270,12 @@ class Segmenter:
 
 
 def decode(model: "SamModel", emb: Embedding, *, points=None, point_labels=None, boxes=None,
-           mask_input=None, multimask: bool):
+           mask_input=None, multimask: bool, speed: "SpeedConfig | None" = None):
     """SAM's prompt encoder + mask decoder for B prompt sets on one embedding.
 
     The same calls as ``SamPredictor.predict_torch``; the one place where prompts meet SAM.
+    With ``speed.fast_decoder`` the mask decoder runs as :class:`napari_sam._decoder.FastDecoder`
+    (slice-level reuse, matrix-product upscaling, image side in ``speed.autocast``).
 
     Parameters
     ----------
@@ -263,6 +287,9 @@ def decode(model: "SamModel", emb: Embedding, *, points=None, point_labels=None,
         (y0, x0, y1, x1).
     mask_input : array, shape (B, 1, h, w), optional
         Low-resolution logits of earlier predictions.
+    speed : SpeedConfig, optional
+        Default :func:`napari_sam.fast.speed_config` for the model's device; ``fast.OFF``
+        runs ``sam.mask_decoder`` itself.
 
     Returns
     -------
@@ -272,7 +299,10 @@ def decode(model: "SamModel", emb: Embedding, *, points=None, point_labels=None,
     import torch
     from segment_anything.utils.transforms import ResizeLongestSide
 
+    from .fast import decoder_dtype, speed_config
+
     sam, device = model.sam, model.device
+    cfg = speed_config(device) if speed is None else speed
     transform = ResizeLongestSide(sam.image_encoder.img_size)
     point_t = box_t = mask_t = None
     if points is not None:
@@ -286,6 +316,13 @@ def decode(model: "SamModel", emb: Embedding, *, points=None, point_labels=None,
         mask_t = torch.as_tensor(mask_input, dtype=torch.float, device=device)
     with torch.inference_mode():
         sparse, dense = sam.prompt_encoder(points=point_t, boxes=box_t, masks=mask_t)
+        if cfg.fast_decoder:
+            from ._decoder import decoder_for
+
+            fast = decoder_for(sam, decoder_dtype(device, cfg))
+            low_res, iou = fast(emb.features, sparse, dense, multimask=multimask,
+                                dense_is_constant=mask_t is None)
+            return low_res.float().cpu(), iou.float().cpu()
         low_res, iou = sam.mask_decoder(
             image_embeddings=emb.features,
             image_pe=sam.prompt_encoder.get_dense_pe(),

@@ -1,0 +1,182 @@
+"""The fast mask decoder (napari_sam._decoder) against ``sam.mask_decoder``.
+
+float32: logits within 1e-4 of the reference (float rounding); bf16: the sign of the
+low-res logits (the mask) agrees on >= 99 % of pixels, predicted IoU within 0.02.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import napari_sam as ns
+
+torch = pytest.importorskip("torch")
+from napari_sam import fast
+from napari_sam._decoder import FastDecoder, decoder_for, is_stock_decoder
+from napari_sam.fast import OFF, speed_config
+from napari_sam.segment import decode
+from napari_sam.testing import make_tiny_sam
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture
+def sam():
+    return make_tiny_sam(seed=7)
+
+
+def _features(seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 256, 64, 64, generator=g).to(device)
+
+
+def _prompts(sam, kind: str, seed=0, device="cpu"):
+    """Prompt-encoder inputs for one kind of prompt set (SAM's xy in the 1024 frame)."""
+    g = torch.Generator().manual_seed(seed)
+    b = 3 if kind.startswith("batch") else 1
+    points = boxes = masks = None
+    if "points" in kind or kind == "batch":
+        coords = torch.rand(b, 4, 2, generator=g) * 1000
+        labels = torch.tensor([[1, 0, 1, -1]] * b)  # -1: SAM's padding label
+        points = (coords.to(device), labels.to(device))
+    if "box" in kind:
+        xy = torch.rand(b, 2, generator=g) * 500
+        boxes = torch.cat([xy, xy + 100 + torch.rand(b, 2, generator=g) * 300], 1).to(device)
+    if "mask" in kind:
+        masks = (torch.randn(b, 1, 256, 256, generator=g) * 3).to(device)
+    with torch.inference_mode():
+        sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
+    return sparse, dense, masks is None
+
+
+def _reference(sam, feats, sparse, dense, multimask):
+    with torch.inference_mode():
+        return sam.mask_decoder(
+            image_embeddings=feats, image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+
+
+KINDS = ["points", "box", "points+box", "points+mask", "batch", "batch+box", "batch+points+mask"]
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_float32_matches_reference(sam, kind, multimask):
+    feats = _features()
+    sparse, dense, constant = _prompts(sam, kind)
+    ref_logits, ref_iou = _reference(sam, feats, sparse, dense, multimask)
+    dec = FastDecoder(sam, torch.float32)
+    for _ in range(2):  # the second call reuses the slice's first-block projections
+        logits, iou = dec(feats, sparse, dense, multimask=multimask, dense_is_constant=constant)
+        assert logits.shape == ref_logits.shape and iou.shape == ref_iou.shape
+        assert logits.dtype == torch.float32 and iou.dtype == torch.float32
+        assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(iou, ref_iou, atol=1e-5)
+
+
+def test_bf16_agrees_in_sign(sam):
+    dec = FastDecoder(sam, torch.bfloat16)
+    agree, iou_err = [], []
+    for seed, kind in enumerate(KINDS):
+        feats = _features(seed)
+        sparse, dense, constant = _prompts(sam, kind, seed=seed)
+        ref_logits, ref_iou = _reference(sam, feats, sparse, dense, True)
+        logits, iou = dec(feats, sparse, dense, multimask=True, dense_is_constant=constant)
+        assert logits.dtype == torch.float32
+        agree.append(float(((logits > 0) == (ref_logits > 0)).float().mean()))
+        iou_err.append(float((iou - ref_iou).abs().max()))
+    assert min(agree) >= 0.99, agree
+    assert max(iou_err) <= 0.02, iou_err
+    # and bf16 really is a different computation (the test would catch a silent fp32)
+    assert not torch.equal(logits, ref_logits)
+
+
+def test_slice_projections_are_reused_per_slice_and_bounded(sam):
+    dec = FastDecoder(sam, torch.float32)
+    sparse, dense, _ = _prompts(sam, "points")
+    slices = [_features(s) for s in range(4)]
+    first = dec(slices[0], sparse, dense, multimask=True, dense_is_constant=True)
+    state = dec._slices[id(slices[0])][1]
+    again = dec(slices[0], sparse, dense, multimask=True, dense_is_constant=True)
+    assert dec._slices[id(slices[0])][1] is state  # reused, not recomputed
+    assert torch.equal(first[0], again[0])
+    for f in slices[1:]:  # other slices give their own results, and the cache stays small
+        out = dec(f, sparse, dense, multimask=True, dense_is_constant=True)
+        assert torch.allclose(out[0], _reference(sam, f, sparse, dense, True)[0], atol=1e-4)
+    assert len(dec._slices) <= 2
+
+
+def test_changed_weights_are_seen(sam):
+    dec = FastDecoder(sam, torch.float32)
+    feats = _features()
+    sparse, dense, _ = _prompts(sam, "points+box")
+    before = dec(feats, sparse, dense, multimask=True, dense_is_constant=True)[0]
+    with torch.no_grad():  # e.g. a fine-tuned state loaded into the same model
+        sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.weight.mul_(1.5)
+        sam.mask_decoder.output_upscaling[0].bias.add_(0.3)
+    after = dec(feats, sparse, dense, multimask=True, dense_is_constant=True)[0]
+    assert not torch.allclose(before, after, atol=1e-3)
+    assert torch.allclose(after, _reference(sam, feats, sparse, dense, True)[0], atol=1e-4)
+
+
+def test_modified_decoder_falls_back_to_the_module(sam):
+    assert is_stock_decoder(sam)
+    calls = []
+    sam.mask_decoder.transformer.layers[1].register_forward_hook(lambda *a: calls.append(1))
+    assert not is_stock_decoder(sam)
+    feats = _features()
+    sparse, dense, _ = _prompts(sam, "points")
+    out = FastDecoder(sam, torch.bfloat16)(feats, sparse, dense, multimask=True, dense_is_constant=True)
+    assert calls  # the hooked module really ran
+    assert torch.equal(out[0], _reference(sam, feats, sparse, dense, True)[0])
+
+
+def test_decoder_for_is_one_per_model_and_dtype(sam):
+    a = decoder_for(sam, torch.float32)
+    assert decoder_for(sam, torch.float32) is a
+    assert decoder_for(sam, torch.bfloat16) is not a
+    assert decoder_for(make_tiny_sam(seed=7), torch.float32) is not a
+
+
+def test_speed_config_switches_the_decoder(monkeypatch):
+    monkeypatch.delenv(fast.ENV_FAST, raising=False)
+    assert speed_config("cpu").fast_decoder and speed_config("cpu", mode="fused").fast_decoder
+    assert not speed_config("cpu", mode="off").fast_decoder and not OFF.fast_decoder
+    assert fast.decoder_dtype("cpu", speed_config("cpu", mode="fused")) == torch.float32
+    assert fast.decoder_dtype("cpu", speed_config("cpu", mode="bf16")) == torch.bfloat16
+    monkeypatch.setenv(fast.ENV_FAST, "0")
+    assert not speed_config("cpu").fast_decoder
+
+
+def test_segmenter_fast_and_reference_decoders_agree(tiny_model, synthetic_stack):
+    ref = ns.Segmenter(tiny_model, synthetic_stack, speed="off")
+    fused = ns.Segmenter(tiny_model, synthetic_stack, speed="fused")
+    emb = ref.embedding(1)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        pts = rng.uniform(0, 90, (3, 2))
+        labels = rng.integers(0, 2, 3)
+        a = decode(tiny_model, emb, points=pts[None], point_labels=labels[None], multimask=True, speed=OFF)
+        b = decode(tiny_model, emb, points=pts[None], point_labels=labels[None], multimask=True,
+                   speed=speed_config("cpu", mode="fused"))
+        assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1], b[1], atol=1e-5)
+        p_ref = ref.predict(1, points=pts, point_labels=labels)
+        p_fast = fused.predict(1, points=pts, point_labels=labels)
+        np.testing.assert_allclose(p_fast.logits, p_ref.logits, atol=1e-3)
+        assert p_fast.best == p_ref.best
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_cuda_decoder(dtype):
+    sam = make_tiny_sam(seed=7).to("cuda")
+    feats = _features(device="cuda")
+    sparse, dense, constant = _prompts(sam, "batch+box", device="cuda")
+    ref_logits, _ = _reference(sam, feats, sparse, dense, True)
+    logits, _ = FastDecoder(sam, getattr(torch, dtype))(feats, sparse, dense, multimask=True,
+                                                        dense_is_constant=constant)
+    agree = float(((logits > 0) == (ref_logits > 0)).float().mean())
+    assert agree >= (0.9999 if dtype == "float32" else 0.99)
