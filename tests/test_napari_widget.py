@@ -249,14 +249,21 @@ def test_lazy_zarr_stack_reads_only_a_few_slices(sam_widget, tmp_path, tiny_mode
     _go_to(viewer, img, 50)
     w.ctrl.points_layer().add([50, 128.0, 128.0])
     seg = w.ctrl.segmenter
-    assert all(seg.cache.is_cached(i) for i in (49, 50, 51))  # neighbours prefetched
+    assert seg.cache.prefetcher.wait(timeout=120)  # neighbours prefetched in the background
+    assert all(seg.cache.in_memory(i) for i in (49, 50, 51, 52))
     w.commit()
     chunks = {k for k in keys if k.startswith("c/")}
-    assert 3 <= len(chunks) <= 16, sorted(chunks)  # contrast sample + 3 slices, not 100
+    assert 4 <= len(chunks) <= 16, sorted(chunks)  # contrast sample + 4 slices, not 100
     expected = _expected(tiny_model, arr, 50, points=[(128.0, 128.0)], point_labels=[1])
     labels = viewer.layers["SAM labels"].data
     np.testing.assert_array_equal(labels[50] == 1, expected.mask)
     assert labels.shape == (100, 256, 256) and not labels[49].any()
+
+    # stepping backwards: the prefetcher follows the direction of travel
+    _go_to(viewer, img, 49)
+    assert seg.cache.prefetcher.wait(timeout=120)
+    assert seg.cache.in_memory(48) and seg.cache.in_memory(47)
+    assert not seg.cache.in_memory(53)
 
 
 def test_event_loop_runs_while_embedding(sam_widget, nuclei, qtbot):

@@ -144,6 +144,8 @@ class SamController:
                     _MODELS[self.model_key()] = model
                 self._model, self._model_key = model, self.model_key()
             stack = ns.open_stack(data, axes=axes)
+            if self._seg is not None:  # the old engine's queued prefetches are no use now
+                self._seg.cache.cancel_prefetch()
             self._seg = ns.Segmenter(self._model, stack, cache=store)
             self._seg_key = key
             self._prediction = self._prediction_key = None

@@ -123,7 +123,7 @@ class SamWidget(QWidget):
         self.positive_check = QCheckBox("New points are positive (N)")
         self.positive_check.setChecked(True)
         self.overwrite_check = QCheckBox("Overwrite existing labels")
-        self.prefetch_check = QCheckBox("Prefetch neighbouring slices")
+        self.prefetch_check = QCheckBox("Prefetch next slices")
         self.prefetch_check.setChecked(True)
 
         self.commit_btn = QPushButton("Commit (Shift+C)")
@@ -370,32 +370,27 @@ class SamWidget(QWidget):
     def refresh(self) -> None:
         """Update the preview for the slice in view; embed it first when needed."""
         need = self._guard(self.ctrl.update_preview)
-        if need is not None:
-            if need not in self._pending:
-                self._embed([need] + [i for i in self._neighbours(need)
-                                      if i not in self._pending], interactive=True)
-        elif self.prefetch_check.isChecked() and self.ctrl.engine_ready():
-            idx = self.ctrl.current_index()
-            seg = self.ctrl.segmenter
-            todo = [] if idx is None else [i for i in self._neighbours(idx)
-                                          if i not in self._pending and not seg.cache.is_cached(i)]
-            if todo:
-                self._embed(todo, interactive=True)
+        if need is not None and need not in self._pending:
+            self._embed([need], interactive=True)
+        self._prefetch()
 
-    def _neighbours(self, index: int) -> list[int]:
-        if not self.prefetch_check.isChecked():
-            return []
-        n = self.ctrl.n_slices()
-        return [i for i in (index + 1, index - 1) if 0 <= i < n]
+    def _prefetch(self) -> None:
+        """Queue the slice in view and its next ones (direction of travel) in the engine's
+        background prefetcher (lower CPU priority; a newer request replaces the queue)."""
+        if not self.prefetch_check.isChecked() or not self.ctrl.engine_ready():
+            return
+        idx = self.ctrl.current_index()
+        if idx is not None:
+            self.ctrl.segmenter.prefetch(around=idx)
 
     # ------------------------------------------------------------------ workers
     def embed_current(self) -> Any:
-        """Embed the slice in view (and prefetch its neighbours) in the background."""
+        """Embed the slice in view in the background (its neighbours follow, see prefetch)."""
         idx = self.ctrl.current_index()
         if idx is None:
             self._show_status("No slice of the image in view.")
             return None
-        return self._embed([idx] + self._neighbours(idx), interactive=True)
+        return self._embed([idx], interactive=True)
 
     def precompute(self) -> Any:
         """Embed the slices from..to (inclusive) in the background (into the store)."""
@@ -407,6 +402,8 @@ class SamWidget(QWidget):
         for worker in list(self._workers):
             worker.quit()
         self._pending.clear()
+        if self.ctrl.engine_ready():
+            self.ctrl.segmenter.cache.cancel_prefetch()
         self._show_status("Cancelling after the current slice ...")
 
     def _embed(self, indices: list[int], *, interactive: bool) -> Any:
@@ -476,6 +473,7 @@ class SamWidget(QWidget):
             idx = self.ctrl.current_index()
             if idx is not None and self.ctrl.segmenter.cache.is_cached(idx):
                 self._guard(self.ctrl.update_preview)
+            self._prefetch()
 
     def _finish_progress(self) -> None:
         self.progress.setVisible(False)
