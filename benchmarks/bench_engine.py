@@ -9,8 +9,10 @@ Run::
     python benchmarks/bench_engine.py                 # vit_b-shaped random weights
     python benchmarks/bench_engine.py --quick         # small model, fewer slices (smoke test)
 
-Targets (issue "Engine"):
+Targets (issues "Engine" and "Speed"):
 
+* embedding at least 3x faster than the SamPredictor loop (interleaved slice by slice);
+* decode p50 at most 30 ms per prompt (cached slice, upsampling included);
 * a hit from disk is at least 100x faster than recomputing the embedding;
 * a hit from memory takes at most 5 ms at p95;
 * peak RSS while walking every slice of a 1000 x 2048 x 2048 uint16 TIFF stays below
@@ -82,15 +84,23 @@ def bench_speed(args, ckpt, tmp):
     stack = ns.open_stack(tif)
     res = {}
 
-    # baseline: a plain SamPredictor loop (FP32, eager)
+    # baseline: a plain SamPredictor loop (FP32, eager), interleaved slice by slice with
+    # ours (into a zarr store) after one untimed warm-up of each: the machine's noise then
+    # hits both alike
     predictor = SamPredictor(model.sam)
-    base = timed(lambda: [predictor.set_image(stack.rgb(i)) for i in range(args.slices)], 1)[0]
-    res["embed_baseline_s_per_slice"] = base / args.slices
-
+    predictor.set_image(stack.rgb(0))
+    warm = ns.Segmenter(model, stack)
+    warm.embedding(0)
+    del warm
     seg = ns.Segmenter(model, stack, cache=tmp / "stack.embeddings.zarr")
-    ours = timed(lambda: seg.embed(range(args.slices)), 1)[0]
-    res["embed_ours_s_per_slice"] = ours / args.slices
-    res["embed_speedup_vs_baseline"] = base / ours
+    base, ours = [], []
+    for i in range(args.slices):
+        base.append(timed(lambda: predictor.set_image(stack.rgb(i)), 1)[0])  # noqa: B023
+        ours.append(timed(lambda: seg.embed([i]), 1)[0])  # noqa: B023
+    res["embed_baseline_s_per_slice"] = float(np.median(base))
+    res["embed_ours_s_per_slice"] = float(np.median(ours))
+    res["embed_baseline_runs_s"], res["embed_ours_runs_s"] = base, ours
+    res["embed_speedup_vs_baseline"] = float(np.median(base) / np.median(ours))
 
     rng = np.random.default_rng(0)
     h, w = stack.slice_shape
@@ -175,6 +185,7 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=1024, help="slice size of the speed stack")
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--walk-slices", type=int, default=1000)
+    ap.add_argument("--no-walk", action="store_true", help="skip the RSS walk")
     ap.add_argument("--walk-size", type=int, default=2048)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "engine.json")
@@ -188,32 +199,44 @@ def main(argv=None):
         arch = SMALL if args.quick else VIT_B
         ckpt = make_tiny_checkpoint(tmp / "model.pth", **arch)
         speed = bench_speed(args, ckpt, tmp)
-        walk = bench_walk(args, tmp)
+        walk = None if args.no_walk else bench_walk(args, tmp)
     result = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "date": time.strftime("%Y-%m-%d"), "model": "vit_b-shaped random" if not args.quick else "small random",
               "speed": speed, "walk": walk}
     targets = {
+        "embedding >= 3x faster than SamPredictor": speed["embed_speedup_vs_baseline"] >= 3,
+        "decode p50 <= 30 ms": speed["decode_ms_p50"] <= 30,
         "disk hit >= 100x faster than recompute": speed["disk_hit_speedup_vs_recompute"] >= 100,
         "memory hit p95 <= 5 ms": speed["memory_hit_ms_p95"] <= 5,
-        "peak RSS <= model + cache bound + 300 MB": walk["peak_over_model_and_cache_MB"] <= 300,
         "stored slice <= 2.1 MB": speed["stored_bytes_per_slice"] <= 2.1e6,
     }
+    if walk is not None:
+        targets["peak RSS <= model + cache bound + 300 MB"] = walk["peak_over_model_and_cache_MB"] <= 300
     result["targets"] = targets
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"{'metric':42s} value")
     for k, v in speed.items():
+        if isinstance(v, list):
+            v = ", ".join(f"{x:.2f}" for x in v)
         print(f"{k:42s} {v:.4g}" if isinstance(v, float) else f"{k:42s} {v}")
+    if walk is None:
+        walk = {}
+    else:
+        print_walk(args, walk)
+    for k, ok in targets.items():
+        print(f"target {'PASS' if ok else 'FAIL'}: {k}")
+    print(f"wrote {args.out}")
+    return 0 if all(targets.values()) else 1
+
+
+def print_walk(args, walk):
     print(f"{'walk: slices x size':42s} {walk['slices']} x {args.walk_size}^2 "
           f"({walk['uncompressed_bytes'] / 1e9:.1f} GB raw, {walk['file_bytes'] / 1e6:.0f} MB file)")
     print(f"{'walk: RSS after model (MB)':42s} {walk['rss_after_model'] / 1e6:.0f}")
     print(f"{'walk: peak RSS (MB)':42s} {walk['peak_rss'] / 1e6:.0f}")
     print(f"{'walk: peak - model - cache bound (MB)':42s} {walk['peak_over_model_and_cache_MB']:.0f}")
     print(f"{'walk: RSS trace (slice, MB)':42s} " + ", ".join(f"{i}:{r / 1e6:.0f}" for i, r in walk["trace"]))
-    for k, ok in targets.items():
-        print(f"target {'PASS' if ok else 'FAIL'}: {k}")
-    print(f"wrote {args.out}")
-    return 0 if all(targets.values()) else 1
 
 
 if __name__ == "__main__":

@@ -33,8 +33,11 @@ OBJECTS = [
 
 
 def _direct(tiny_model, path, objects):
-    """What segment_prompts must produce, computed with the plain engine."""
-    seg = ns.Segmenter(tiny_model, path)
+    """What segment_prompts must produce, computed with the plain engine (batch jobs decode
+    in float32: ``fast.reproducible``)."""
+    from napari_sam.fast import reproducible, speed_config
+
+    seg = ns.Segmenter(tiny_model, path, speed=reproducible(speed_config("cpu")))
     labels = np.zeros(seg.stack.shape, np.uint32)
     for k, o in enumerate(objects, start=1):
         kw = {}

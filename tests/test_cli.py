@@ -18,6 +18,9 @@ import zarr
 import napari_sam as ns
 from napari_sam import batch, cli
 from napari_sam._prompts_io import read_prompts
+from napari_sam.fast import reproducible, speed_config
+
+BATCH_SPEED = reproducible(speed_config("cpu"))  # what batch jobs (and so the CLI) decode with
 
 
 def _cmd(*args):
@@ -63,7 +66,7 @@ def test_segment_with_napari_points_csv(tiny_checkpoint, tiny_model, stack3d, tm
     assert not labels[1].any() and set(np.unique(labels[0]).tolist()) <= {0, 1}
     assert set(np.unique(labels[2]).tolist()) <= {0, 2}
     # the same masks as the engine gives for these prompts (negative point on slice 2)
-    seg = ns.Segmenter(tiny_model, stack3d)
+    seg = ns.Segmenter(tiny_model, stack3d, speed=BATCH_SPEED)  # batch jobs decode in fp32
     m1 = seg.segment(0, points=[[15, 18]], point_labels=[1])
     m2 = seg.segment(2, points=[[30, 40], [12, 10]], point_labels=[1, 0], multimask=False)
     np.testing.assert_array_equal(labels[0] == 1, m1)
@@ -168,6 +171,6 @@ def test_folder_of_images(tiny_checkpoint, tiny_model, stack3d, tmp_path):
         path = next(out.glob(f"{name}.*"))
         labels = np.asarray(ns.open_stack(path).data)
         stack = ns.open_stack(src / f"{name}.tif")
-        expected = ns.Segmenter(tiny_model, stack).segment(z, points=[[y, x]])
+        expected = ns.Segmenter(tiny_model, stack, speed=BATCH_SPEED).segment(z, points=[[y, x]])
         np.testing.assert_array_equal(labels[z] == 1, expected)
         assert not np.delete(labels, z, axis=0).any()

@@ -147,6 +147,12 @@ def test_speed_config_switches_the_decoder(monkeypatch):
     assert not speed_config("cpu", mode="off").fast_decoder and not OFF.fast_decoder
     assert fast.decoder_dtype("cpu", speed_config("cpu", mode="fused")) == torch.float32
     assert fast.decoder_dtype("cpu", speed_config("cpu", mode="bf16")) == torch.bfloat16
+    # batch jobs: same encoder, decoder image side in float32 (labels independent of
+    # thread count and prompt grouping)
+    batch_cfg = fast.reproducible(speed_config("cpu", mode="bf16"))
+    assert batch_cfg.autocast == "bf16" and fast.decoder_dtype("cpu", batch_cfg) == torch.float32
+    with pytest.raises(ValueError, match="decoder_precision"):
+        fast.SpeedConfig(decoder_precision="bf16")
     monkeypatch.setenv(fast.ENV_FAST, "0")
     assert not speed_config("cpu").fast_decoder
 
@@ -167,6 +173,35 @@ def test_segmenter_fast_and_reference_decoders_agree(tiny_model, synthetic_stack
         p_fast = fused.predict(1, points=pts, point_labels=labels)
         np.testing.assert_allclose(p_fast.logits, p_ref.logits, atol=1e-3)
         assert p_fast.best == p_ref.best
+
+
+@pytest.mark.parametrize("speed", ["fused", "bf16"])
+def test_end_to_end_masks_match_sampredictor_on_real_image(tiny_model, data_dir, speed):
+    """What a user gets (fast encoder + fast decoder) against SamPredictor, DSB2018 slice.
+
+    The issue's fidelity target: median IoU >= 0.99, 5th percentile >= 0.95.
+    """
+    from segment_anything import SamPredictor
+
+    stack = ns.open_stack(data_dir / "dsb2018" / "img2d.tif")
+    rgb = stack.rgb(0)
+    pred = SamPredictor(tiny_model.sam)
+    pred.set_image(rgb)
+    seg = ns.Segmenter(tiny_model, stack, speed=speed)
+    rng = np.random.default_rng(0)
+    ious = []
+    for _ in range(24):
+        pts = rng.uniform(0, rgb.shape[0] - 1, (int(rng.integers(1, 4)), 2))
+        labels = rng.integers(0, 2, len(pts))
+        labels[0] = 1
+        m, s, _ = pred.predict(point_coords=pts[:, ::-1], point_labels=labels)
+        ref = m[np.argmax(s)]
+        got = seg.segment(0, points=pts, point_labels=labels)
+        union = np.logical_or(got, ref).sum()
+        ious.append(1.0 if union == 0 else np.logical_and(got, ref).sum() / union)
+    if speed == "fused":
+        assert min(ious) >= 0.99, ious
+    assert np.median(ious) >= 0.99 and np.percentile(ious, 5) >= 0.95, ious
 
 
 @requires_cuda

@@ -90,9 +90,11 @@ class _Job:
 def _segmenter(job: _Job):
     seg = _SEGMENTERS.get(job.seg_key or job.key)
     if seg is None:
+        from .fast import reproducible, speed_config
         from .segment import Segmenter
 
-        seg = Segmenter(job.model.load(), job.stack, cache=job.cache)
+        model = job.model.load()
+        seg = Segmenter(model, job.stack, cache=job.cache, speed=reproducible(speed_config(model.device)))
         _SEGMENTERS.clear()  # one stack's segmenter per process at a time
         _SEGMENTERS[job.seg_key or job.key] = seg
     return seg

@@ -92,7 +92,10 @@ def open_signature_group(
                       "model and stack; using memory only", EmbeddingStoreWarning, stacklevel=3)
         return None, False
     c, h, w = feature_shape
-    group = root.require_group(key)  # another process may create it at the same moment
+    try:
+        group = root.require_group(key)
+    except ContainsGroupError:  # another process created it between zarr's look and write
+        group = zarr.open_group(path / key, mode="a")
     if "signature" not in group.attrs:
         group.attrs["signature"] = signature
     for name, shape, chunks, dt in (

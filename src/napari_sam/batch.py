@@ -128,11 +128,12 @@ def embed_stack(stack, cache, *, model=None, checkpoint=None, device=None,
     client : dask.distributed.Client, optional
         Run one task per slice on the cluster; the store takes concurrent writers.
     """
+    from .fast import reproducible, speed_config
     from .segment import Segmenter
 
     t0 = time.perf_counter()
     stack, ref, sam_model = _open_inputs(stack, model, checkpoint, device)
-    seg = Segmenter(sam_model, stack, cache=cache)
+    seg = Segmenter(sam_model, stack, cache=cache, speed=reproducible(speed_config(sam_model.device)))
     todo = [i for i in range(len(stack)) if not seg.cache.is_cached(i)]
     resumed = len(stack) - len(todo)
     if client is None:

@@ -60,6 +60,7 @@ __all__ = [
     "encoder_for",
     "prepare_encoder",
     "preprocess",
+    "reproducible",
     "resolve_autocast",
     "speed_config",
     "with_batch_size",
@@ -93,6 +94,11 @@ class SpeedConfig:
         Run the mask decoder as :class:`napari_sam._decoder.FastDecoder`: image-side work
         of the first block reused per slice, upscaling as matrix products, image side in
         the ``autocast`` precision (:func:`decoder_dtype`). False: ``sam.mask_decoder``.
+    decoder_precision : {"auto", "fp32"}
+        "auto": the fast decoder's image side follows ``autocast``. "fp32": float32
+        whatever the encoder does; batch jobs use it, because bf16 rounds differently
+        with the thread count and the number of prompts per call, and a resumed or
+        cluster run must give the same labels as one uninterrupted local run.
     """
 
     fused_attention: bool = True
@@ -100,6 +106,7 @@ class SpeedConfig:
     compile: bool = False
     batch_size: int = 1
     fast_decoder: bool = True
+    decoder_precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.autocast not in _AUTOCAST:
@@ -108,6 +115,10 @@ class SpeedConfig:
             )
         if int(self.batch_size) < 1:
             raise InvalidInputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.decoder_precision not in ("auto", "fp32"):
+            raise InvalidInputError(
+                f"decoder_precision must be 'auto' or 'fp32', got {self.decoder_precision!r}"
+            )
 
     @property
     def is_reference(self) -> bool:
@@ -164,9 +175,12 @@ def resolve_autocast(device: "str | torch.device", autocast: str | None) -> str 
 
 
 def decoder_dtype(device: "str | torch.device", config: SpeedConfig) -> "torch.dtype":
-    """Precision of the fast decoder's image side: ``config.autocast`` resolved for ``device``."""
+    """Precision of the fast decoder's image side: float32 with ``decoder_precision="fp32"``,
+    else ``config.autocast`` resolved for ``device``."""
     import torch
 
+    if config.decoder_precision == "fp32":
+        return torch.float32
     mode = resolve_autocast(device, config.autocast)
     return getattr(torch, _AMP[mode]) if mode else torch.float32
 
@@ -439,3 +453,12 @@ def encode_batch(
 def with_batch_size(config: SpeedConfig, batch_size: int) -> SpeedConfig:
     """``config`` with another ``batch_size``."""
     return replace(config, batch_size=int(batch_size))
+
+
+def reproducible(config: SpeedConfig) -> SpeedConfig:
+    """``config`` for batch jobs: the same encoder, the decoder's image side in float32.
+
+    Labels then do not depend on the thread count or on how prompts are grouped per call
+    (see ``decoder_precision``); decoding is a small share of a batch job's time.
+    """
+    return replace(config, decoder_precision="fp32")
