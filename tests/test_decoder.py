@@ -120,6 +120,31 @@ def test_changed_weights_are_seen(sam):
     after = dec(feats, sparse, dense, multimask=True, dense_is_constant=True)[0]
     assert not torch.allclose(before, after, atol=1e-3)
     assert torch.allclose(after, _reference(sam, feats, sparse, dense, True)[0], atol=1e-4)
+    # a projection replaced by a new module of the same type is seen too
+    attn = sam.mask_decoder.transformer.layers[1].cross_attn_image_to_token
+    new = torch.nn.Linear(attn.q_proj.in_features, attn.q_proj.out_features)
+    attn.q_proj = new
+    replaced = dec(feats, sparse, dense, multimask=True, dense_is_constant=True)[0]
+    assert not torch.allclose(replaced, after, atol=1e-3)
+    assert torch.allclose(replaced, _reference(sam, feats, sparse, dense, True)[0], atol=1e-4)
+
+
+def test_wrapped_projection_falls_back_to_the_module(sam):
+    class Adapted(torch.nn.Linear):  # e.g. a LoRA-style adapter: forward is not x @ W.T + b
+        def forward(self, x):
+            return super().forward(x) * 1.5
+
+    attn = sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image
+    adapted = Adapted(attn.k_proj.in_features, attn.k_proj.out_features)
+    adapted.load_state_dict(attn.k_proj.state_dict())
+    dec = FastDecoder(sam, torch.float32)
+    feats = _features()
+    sparse, dense, _ = _prompts(sam, "points")
+    dec(feats, sparse, dense, multimask=True, dense_is_constant=True)  # stock: fast path
+    attn.k_proj = adapted
+    assert not is_stock_decoder(sam)
+    out = dec(feats, sparse, dense, multimask=True, dense_is_constant=True)
+    assert torch.equal(out[0], _reference(sam, feats, sparse, dense, True)[0])
 
 
 def test_modified_decoder_falls_back_to_the_module(sam):

@@ -251,3 +251,23 @@ def test_cuda_encode_batch(tiny_checkpoint):
         assert b.features.device.type == "cuda"
         mx, mean = rel_err(b.features, s.features)
         assert mx < BF16_MAX_TOL and mean < BF16_MEAN_TOL
+
+
+def test_bias_buffer_is_reused_per_thread_and_shape(vitlike):
+    import threading
+
+    a = fast._bias_buffer((1, 2, 4, 4, 4, 4), torch.bfloat16, "cpu")
+    assert fast._bias_buffer((1, 2, 4, 4, 4, 4), torch.bfloat16, "cpu") is a
+    assert fast._bias_buffer((1, 2, 3, 3, 3, 3), torch.bfloat16, "cpu") is not a
+    assert fast._bias_buffer((1, 2, 4, 4, 4, 4), torch.bfloat16, "cpu") is a  # kept beside it
+    other = []
+    t = threading.Thread(target=lambda: other.append(fast._bias_buffer((1, 2, 4, 4, 4, 4), torch.bfloat16, "cpu")))
+    t.start()
+    t.join()
+    assert other[0] is not a  # never shared between threads
+    # reusing the buffers does not leak one slice's bias into the next
+    encode = prepare_encoder(vitlike, SpeedConfig(fused_attention=True, autocast=None))
+    x1, x2 = _x(vitlike, seed=1), _x(vitlike, seed=2)
+    first = encode(x1).clone()
+    encode(x2)
+    assert torch.equal(encode(x1), first)

@@ -56,6 +56,11 @@ def is_stock_decoder(sam: "Sam") -> bool:
         attns += [layer.self_attn, layer.cross_attn_token_to_image, layer.cross_attn_image_to_token]
     if any(type(a) is not Attention for a in attns):
         return False
+    # the fast path reads the projections' weights directly: wrapped or adapted linears
+    # (LoRA and the like) would be skipped
+    linears = [getattr(a, n) for a in attns for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    if any(type(m) is not nn.Linear for m in linears):
+        return False
     ups = list(md.output_upscaling)
     kinds = [nn.ConvTranspose2d, LayerNorm2d, nn.GELU, nn.ConvTranspose2d, nn.GELU]
     if len(ups) != 5 or any(type(m) is not k for m, k in zip(ups, kinds)):
@@ -68,7 +73,7 @@ def is_stock_decoder(sam: "Sam") -> bool:
     if ups[2].approximate != "none" or ups[4].approximate != "none":
         return False
     # per-instance forward overrides or hooks would be skipped by the fast path
-    for mod in [md, tr, *tr.layers, *attns, *ups]:
+    for mod in [md, tr, *tr.layers, *attns, *linears, *ups]:
         if "forward" in vars(mod) or mod._forward_hooks or mod._forward_pre_hooks:
             return False
     return True
@@ -146,19 +151,17 @@ class FastDecoder:
     def __init__(self, sam: "Sam", dtype: "torch.dtype") -> None:
         self.sam = sam
         self.dtype = dtype
-        self.stock = is_stock_decoder(sam)
         self._lock = threading.Lock()
         self._key: Any = None
         self._weights: _Weights | None = None
         self._slices: "OrderedDict[int, tuple[weakref.ref, dict]]" = OrderedDict()
-        # the tensors the prepared weights are made from; moving the model (``.to``) or
-        # loading weights into it changes their data pointers or versions
-        self._params = [*sam.mask_decoder.parameters(), *sam.prompt_encoder.pe_layer.buffers()]
 
     # ----------------------------------------------------------------- caches
     def _current_weights(self, device: "torch.device") -> _Weights:
-        """Weights in the working dtype; rebuilt if any parameter moved or changed."""
-        key = (str(device), [(p.data_ptr(), p._version) for p in self._params])
+        """Weights in the working dtype; rebuilt if any parameter was replaced, moved
+        (``.to``) or changed in place (loading weights bumps the tensors' versions)."""
+        params = [*self.sam.mask_decoder.parameters(), *self.sam.prompt_encoder.pe_layer.buffers()]
+        key = (str(device), [(id(p), p.data_ptr(), p._version) for p in params])
         with self._lock:
             if key != self._key or self._weights is None:
                 self._weights = _Weights(self.sam, self.dtype, device)
@@ -262,7 +265,7 @@ class FastDecoder:
 
         sam = self.sam
         md = sam.mask_decoder
-        if not self.stock:
+        if not is_stock_decoder(sam):  # checked per call: hooks may come and go
             return md(
                 image_embeddings=features, image_pe=sam.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,

@@ -245,9 +245,35 @@ def _rel_pos_bias(q: "torch.Tensor", rel_pos_h, rel_pos_w, hw: tuple[int, int]) 
     # (under torch.compile the fused kernel writes it contiguously anyway)
     if torch.compiler.is_compiling():
         return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, nh, h * w, h * w)
-    bias = torch.empty((b, nh, h, w, h, w), dtype=q.dtype, device=q.device)
-    torch.add(rel_h[..., :, None], rel_w[..., None, :], out=bias)  # (B, nH, h, w, kh, kw)
+    bias = _bias_buffer((b, nh, h, w, h, w), q.dtype, q.device)
+    torch.add(rel_h.contiguous()[..., :, None], rel_w.contiguous()[..., None, :], out=bias)
     return bias.view(b, nh, h * w, h * w)
+
+
+_BUFFERS = threading.local()
+
+
+def _bias_buffer(shape: tuple[int, ...], dtype, device) -> "torch.Tensor":
+    """A reusable buffer for the relative-position bias, per thread and shape.
+
+    A global-attention bias is 4096 x 4096 x nH (400 MB in bf16 for vit_b). A fresh buffer
+    of that size is a fresh mapping whose pages fault in on first touch: ~170 ms per global
+    layer, four times per slice, against ~25 ms to fill a resident one. Buffers are kept
+    per thread (encoders in different threads never share one) and freed with the thread;
+    window and global blocks each keep theirs (a few shapes per model).
+    """
+    import torch
+
+    held = getattr(_BUFFERS, "bias", None)
+    if held is None:
+        held = _BUFFERS.bias = {}
+    key = (tuple(shape), dtype, str(device))
+    buf = held.get(key)
+    if buf is None:
+        if len(held) >= 4:  # another model or slice size: start over
+            held.clear()
+        buf = held[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buf
 
 
 def _attention(attn, x: "torch.Tensor") -> "torch.Tensor":
