@@ -370,9 +370,10 @@ class SamWidget(QWidget):
     def refresh(self) -> None:
         """Update the preview for the slice in view; embed it first when needed."""
         need = self._guard(self.ctrl.update_preview)
-        if need is not None and need not in self._pending:
+        if need is None:
+            self._prefetch()
+        elif need not in self._pending:  # the prefetch follows once it is embedded
             self._embed([need], interactive=True)
-        self._prefetch()
 
     def _prefetch(self) -> None:
         """Queue the slice in view and its next ones (direction of travel) in the engine's
