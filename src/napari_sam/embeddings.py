@@ -152,7 +152,8 @@ class EmbeddingCache:
         Encoder speed paths (:func:`napari_sam.fast.speed_config`): "auto" picks per device
         (fused attention; bf16 on CUDA and on CPUs with native bf16), "off" is the
         reference float32 encoder, bit-identical to ``SamPredictor``. The choice is part of
-        the store signature, so embeddings of different precision are never mixed.
+        the store signature, so embeddings of different precision are never mixed. (The
+        same config switches the fast mask decoder, :mod:`napari_sam._decoder`.)
 
     Notes
     -----

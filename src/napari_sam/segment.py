@@ -93,7 +93,9 @@ class Segmenter:
     store_dtype : {"float16", "float32"}
         Precision of stored embeddings.
     speed : str or SpeedConfig
-        Encoder speed paths, see :class:`EmbeddingCache` ("off": the reference encoder).
+        Speed paths of the encoder (see :class:`EmbeddingCache`) and of the mask decoder
+        (``SpeedConfig.fast_decoder``); "auto" picks per device, "off" gives the reference
+        paths, bit-identical to ``SamPredictor``.
 
     Examples
     --------
