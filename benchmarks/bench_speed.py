@@ -114,11 +114,12 @@ def e2e_best_masks(model, features, rgb, prompts, cfg):
     """Best masks through napari_sam's own decode path (fast decoder per ``cfg``)."""
     import torch
 
+    from segment_anything.utils.transforms import ResizeLongestSide
+
     from napari_sam.embeddings import Embedding
-    from napari_sam.fast import preprocess
     from napari_sam.segment import decode
 
-    _, input_size = preprocess(model.sam, rgb, model.device)
+    input_size = ResizeLongestSide.get_preprocess_shape(*rgb.shape[:2], model.sam.image_encoder.img_size)
     emb = Embedding(features, input_size, rgb.shape[:2])
     out = []
     for p in prompts:

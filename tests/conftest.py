@@ -52,3 +52,31 @@ def synthetic_stack() -> np.ndarray:
         r = rng.uniform(6, 14)
         img += 800 * (((zz - cz) * 6) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 < r**2)
     return img.clip(0, 65535).astype(np.uint16)
+
+
+@pytest.fixture
+def kill_part_way():
+    """``run(args, work, env=...)``: start a batch CLI job, SIGKILL it once two units are
+    recorded as done in its work store ``work``; returns how many were done by then."""
+    import signal
+    import subprocess
+    import time
+
+    import zarr
+
+    def done(work: Path) -> int:
+        try:
+            return int(np.count_nonzero(zarr.open_array(work / "done", mode="r")[:]))
+        except Exception:  # not created yet
+            return 0
+
+    def run(args, work: Path, *, env: dict, min_done: int = 2, timeout: float = 240) -> int:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        deadline = time.time() + timeout
+        while done(work) < min_done and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return done(work)
+
+    return run

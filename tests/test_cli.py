@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -101,14 +99,7 @@ def test_user_errors_exit_2_with_one_line(tiny_checkpoint, stack3d, tmp_path):
     assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("napari-sam: error:")
 
 
-def _done_count(work: Path) -> int:
-    try:
-        return int(np.count_nonzero(zarr.open_array(work / "done", mode="r")[:]))
-    except Exception:
-        return 0
-
-
-def test_kill_and_resume(tiny_checkpoint, tiny_model, tmp_path):
+def test_kill_and_resume(tiny_checkpoint, tiny_model, tmp_path, kill_part_way):
     n = 6
     rng = np.random.default_rng(2)
     img = (rng.normal(100, 5, (n, 32, 32)) + 300 * (np.indices((32, 32))[0] > 16)).astype(np.uint16)
@@ -120,13 +111,7 @@ def test_kill_and_resume(tiny_checkpoint, tiny_model, tmp_path):
     args = _cmd("segment", stack, "--prompts", csv, "--out", out, "--checkpoint", tiny_checkpoint,
                 "--device", "cpu", "-q")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    deadline = time.time() + 240
-    while _done_count(work) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finished = _done_count(work)
+    finished = kill_part_way(args, work, env=env)
     assert 2 <= finished < n, "the job should have been killed part way"
     again = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr

@@ -166,13 +166,6 @@ def _points_csv(path: Path, n: int) -> Path:
     return path
 
 
-def _done_count(work: Path) -> int:
-    try:
-        return int(np.count_nonzero(zarr.open_array(work / "done", mode="r")[:]))
-    except Exception:
-        return 0
-
-
 @pytest.fixture(scope="module")
 def reference_labels(tiny_model, stack_tif, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "ref.ome.zarr"
@@ -182,19 +175,13 @@ def reference_labels(tiny_model, stack_tif, tmp_path_factory):
 
 
 def test_sigkill_during_batch_tiff_output_then_resume(tiny_checkpoint, stack_tif,
-                                                      reference_labels, tmp_path):
+                                                      reference_labels, tmp_path, kill_part_way):
     ref, csv = reference_labels
     out = tmp_path / "labels.tif"
     work = Path(str(out) + ".partial.zarr")
     args = _cli("segment", stack_tif, "--prompts", csv, "--out", out, "--checkpoint",
                 tiny_checkpoint, "--device", "cpu", "-q")
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
-    deadline = time.time() + 240
-    while _done_count(work) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finished = _done_count(work)
+    finished = kill_part_way(args, work, env=ENV)
     assert 2 <= finished < 8 and not out.exists()
     again = subprocess.run(args, capture_output=True, text=True, timeout=300, env=ENV)
     assert again.returncode == 0, again.stderr

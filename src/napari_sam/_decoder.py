@@ -89,6 +89,15 @@ def _merge(x: "torch.Tensor") -> "torch.Tensor":
     return x.transpose(1, 2).reshape(b, t, n * c)
 
 
+def _transposed_conv_as_linear(conv) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """A ConvTranspose2d(k=2, s=2) as a linear map C_in -> (a, b, C_out): weight, bias.
+
+    Input pixel (i, j) becomes output pixels (2i + a, 2j + b).
+    """
+    w = conv.weight  # (C_in, C_out, 2, 2)
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).t(), conv.bias.repeat(4)
+
+
 class _Weights:
     """The decoder's image-side weights in the working dtype, laid out for matmuls."""
 
@@ -109,29 +118,25 @@ class _Weights:
             self.layers = []
             for layer in tr.layers:
                 t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-                w = {
-                    # token -> image: keys from (image + pos), values from image
-                    "k": cast(t2i.k_proj.weight), "bk": cast(t2i.k_proj.bias),
+                self.layers.append({
+                    # token -> image keys and image -> token queries both read (image + pos):
+                    # one matrix product for the two, split after
+                    "kq": cast(torch.cat([t2i.k_proj.weight, i2t.q_proj.weight])),
+                    "bkq": cast(torch.cat([t2i.k_proj.bias, i2t.q_proj.bias])),
+                    "split": (t2i.k_proj.out_features, i2t.q_proj.out_features),
+                    # token -> image values read the image alone
                     "v": cast(t2i.v_proj.weight), "bv": cast(t2i.v_proj.bias),
-                    # image -> token: queries from (image + pos), output projection
-                    "q": cast(i2t.q_proj.weight), "bq": cast(i2t.q_proj.bias),
+                    # image -> token output projection
                     "o": cast(i2t.out_proj.weight), "bo": cast(i2t.out_proj.bias),
-                }
-                # both read (image + pos): one matrix product for the two
-                w["kq"] = torch.cat([w["k"], w["q"]]).contiguous()
-                w["bkq"] = torch.cat([w["bk"], w["bq"]]).contiguous()
-                self.layers.append(w)
+                })
             fin = tr.final_attn_token_to_image
             self.final = {
                 "k": cast(fin.k_proj.weight), "bk": cast(fin.k_proj.bias),
                 "v": cast(fin.v_proj.weight), "bv": cast(fin.v_proj.bias),
             }
             conv1, norm, _, conv2, _ = md.output_upscaling
-            # ConvTranspose2d(k=2, s=2) == linear map C_in -> (a, b, C_out): out pixel (2i+a, 2j+b)
-            self.up1 = cast(conv1.weight.permute(0, 2, 3, 1).reshape(conv1.weight.shape[0], -1).t())
-            self.up1_b = cast(conv1.bias.repeat(4))
-            self.up2 = cast(conv2.weight.permute(0, 2, 3, 1).reshape(conv2.weight.shape[0], -1).t())
-            self.up2_b = cast(conv2.bias.repeat(4))
+            self.up1, self.up1_b = (cast(t) for t in _transposed_conv_as_linear(conv1))
+            self.up2, self.up2_b = (cast(t) for t in _transposed_conv_as_linear(conv2))
             self.norm_w, self.norm_b, self.norm_eps = cast(norm.weight), cast(norm.bias), norm.eps
             self.c1 = conv1.weight.shape[1]
             self.c2 = conv2.weight.shape[1]
@@ -169,15 +174,19 @@ class FastDecoder:
                 self._slices.clear()
             return self._weights
 
-    def _first_block(self, w: _Weights, src: "torch.Tensor") -> dict:
-        """Prompt-independent projections of the first block, from image tokens ``src``."""
+    def _projections(self, lw: dict, keys: "torch.Tensor", pos: "torch.Tensor"):
+        """One block's image-side projections of image tokens ``keys``: token -> image keys
+        and values, image -> token queries, in the working dtype."""
         import torch.nn.functional as F
 
-        w0 = w.layers[0]
-        img = src.to(self.dtype)
-        kq = F.linear((src + w.pos).to(self.dtype), w0["kq"], w0["bkq"])
-        k, q = kq.split([w0["k"].shape[0], w0["q"].shape[0]], dim=-1)
-        return {"src": src, "k": k, "q": q, "v": F.linear(img, w0["v"], w0["bv"])}
+        kq = F.linear((keys + pos).to(self.dtype), lw["kq"], lw["bkq"])
+        k, q_img = kq.split(lw["split"], dim=-1)
+        return k, q_img, F.linear(keys.to(self.dtype), lw["v"], lw["bv"])
+
+    def _first_block(self, w: _Weights, src: "torch.Tensor") -> dict:
+        """Prompt-independent projections of the first block, from image tokens ``src``."""
+        k, q_img, v = self._projections(w.layers[0], src, w.pos)
+        return {"src": src, "k": k, "q": q_img, "v": v}
 
     def _slice_state(self, w: _Weights, features: "torch.Tensor", dense: "torch.Tensor") -> dict:
         """:meth:`_first_block` of a slice with no mask prompt, cached per features tensor."""
@@ -291,12 +300,10 @@ class FastDecoder:
                     q = queries + tokens
                     queries = queries + layer.self_attn(q=q, k=q, v=queries)
                 queries = layer.norm1(queries)
-                if i == 0:
+                if i == 0:  # the image tokens have not met the prompt yet
                     k, q_img, v = state["k"], state["q"], state["v"]
                 else:
-                    kq = F.linear((keys + w.pos).to(self.dtype), lw["kq"], lw["bkq"])
-                    k, q_img = kq.split([lw["k"].shape[0], lw["q"].shape[0]], dim=-1)
-                    v = F.linear(keys.to(self.dtype), lw["v"], lw["bv"])
+                    k, q_img, v = self._projections(lw, keys, w.pos)
                 attn = self._token_to_image(layer.cross_attn_token_to_image, queries + tokens, k, v)
                 queries = layer.norm2(queries + attn)
                 queries = layer.norm3(queries + layer.mlp(queries))

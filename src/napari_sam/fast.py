@@ -181,8 +181,15 @@ def decoder_dtype(device: "str | torch.device", config: SpeedConfig) -> "torch.d
 
     if config.decoder_precision == "fp32":
         return torch.float32
-    mode = resolve_autocast(device, config.autocast)
-    return getattr(torch, _AMP[mode]) if mode else torch.float32
+    return _amp_dtype(device, config.autocast) or torch.float32
+
+
+def _amp_dtype(device: "str | torch.device", autocast: str | None) -> "torch.dtype | None":
+    """The torch dtype ``autocast`` means on ``device`` (None: float32, no autocast)."""
+    import torch
+
+    mode = resolve_autocast(device, autocast)
+    return getattr(torch, _AMP[mode]) if mode else None
 
 
 def speed_config(device: "str | torch.device", *, mode: str = "auto") -> SpeedConfig:
@@ -382,8 +389,7 @@ def prepare_encoder(sam: "Sam", config: SpeedConfig) -> Callable[["torch.Tensor"
     run = torch.compile(body, dynamic=False) if config.compile else body
 
     def encode(x: torch.Tensor) -> torch.Tensor:
-        mode = resolve_autocast(x.device, config.autocast)
-        amp_dtype = getattr(torch, _AMP[mode]) if mode else None
+        amp_dtype = _amp_dtype(x.device, config.autocast)
         with torch.inference_mode(), torch.autocast(
             x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
         ):

@@ -324,14 +324,14 @@ def decode(model: "SamModel", emb: Embedding, *, points=None, point_labels=None,
             fast = decoder_for(sam, decoder_dtype(device, cfg))
             low_res, iou = fast(emb.features, sparse, dense, multimask=multimask,
                                 dense_is_constant=mask_t is None)
-            return low_res.float().cpu(), iou.float().cpu()
-        low_res, iou = sam.mask_decoder(
-            image_embeddings=emb.features,
-            image_pe=sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-        )
+        else:
+            low_res, iou = sam.mask_decoder(
+                image_embeddings=emb.features,
+                image_pe=sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
     return low_res.float().cpu(), iou.float().cpu()
 
 
