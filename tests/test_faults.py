@@ -372,3 +372,47 @@ def test_reader_next_to_a_batch_embed_writer(tiny_checkpoint, tiny_model, stack_
     assert hits + computed == 4 * rounds
     assert not [x for x in w if "recomputing" in str(x.message)]  # never a torn slice seen
     assert _check_store(tiny_model, stack_tif, store, fresh)["encoder_calls"] == 0
+
+
+def test_sibling_write_errors_are_not_logged_after_the_report(caplog):
+    """zarr writes metadata files concurrently; on a full disk the siblings of the error the
+    CLI reports can end with nobody retrieving theirs (the loop stops at exit), and asyncio
+    then logs each with a traceback. Those records (OSError only) are dropped."""
+    import asyncio
+    import gc
+    import logging
+
+    from napari_sam._store import quiet_sibling_write_errors
+
+    def unretrieved(exc: BaseException) -> list[logging.LogRecord]:
+        async def fail():
+            raise exc
+
+        loop = asyncio.new_event_loop()
+        try:
+            task = loop.create_task(fail())
+            loop.run_until_complete(asyncio.wait([task]))
+        finally:
+            loop.close()
+        caplog.clear()
+        del task
+        gc.collect()
+        return [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    log = logging.getLogger("asyncio")
+    before = list(log.filters)
+    try:
+        for f in before:  # another test may have installed it: start without
+            log.removeFilter(f)
+        assert len(unretrieved(OSError(28, "No space left on device"))) == 1
+        quiet_sibling_write_errors()
+        quiet_sibling_write_errors()
+        assert len(log.filters) == 1
+        assert unretrieved(OSError(28, "No space left on device")) == []
+        assert len(unretrieved(ValueError("a real bug"))) == 1  # other errors still show
+    finally:
+        for f in list(log.filters):
+            log.removeFilter(f)
+        for f in before:
+            log.addFilter(f)

@@ -181,6 +181,9 @@ class Output:
     def _create(self) -> None:
         import zarr
 
+        from ._store import quiet_sibling_write_errors
+
+        quiet_sibling_write_errors()
         work = zarr.open_group(self.work, mode="a", zarr_format=3)
         if "napari_sam" not in work.attrs:
             work.attrs["napari_sam"] = {"kind": KIND, "job": self.signature, "complete": False}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,28 @@ from typing import Any
 from ._errors import InvalidInputError
 
 STORE_KIND = "embedding-store"
+
+
+class _SiblingWriteErrors(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" records about an OSError."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, OSError) and "never retrieved" in str(record.msg))
+
+
+def quiet_sibling_write_errors() -> None:
+    """Keep a failed zarr write to one error instead of one error plus stray tracebacks.
+
+    zarr writes a node's metadata files concurrently (``asyncio.gather``). On a full or
+    read-only disk several of them fail: the first is raised, and napari-sam reports it (a
+    warning, or the CLI's one-line error); the others are never retrieved, so asyncio logs
+    each with a traceback when it is garbage-collected, after the report. Only those
+    records (an ``OSError`` nobody retrieved) are dropped; idempotent.
+    """
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _SiblingWriteErrors) for f in log.filters):
+        log.addFilter(_SiblingWriteErrors())
 
 
 def _differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
@@ -38,6 +61,7 @@ def open_signature_group(
 
     from .embeddings import EmbeddingStoreWarning, signature_key
 
+    quiet_sibling_write_errors()
     key = signature_key(signature)
     path = Path(path)
     exists = path.exists()

@@ -297,7 +297,9 @@ def _close(client, cluster) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``napari-sam``; returns the exit status."""
     from ._errors import NapariSamError
+    from ._store import quiet_sibling_write_errors
 
+    quiet_sibling_write_errors()  # a full disk is reported once, below
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
