@@ -5,7 +5,7 @@ attention matrices). glibc serves them from the heap once it has seen such sizes
 over hundreds of slices the heap fragments and the process's resident memory creeps up
 (measured: +1.4 MB per 2048 x 2048 slice over 1000 slices). After each encoded slice,
 :func:`release_free_memory` looks at the heap's free bytes and, once they pass
-``keep`` (384 MiB), hands the free pages back to the system (``malloc_trim(0)``, ~10 ms):
+``keep`` (256 MiB), hands the free pages back to the system (``malloc_trim(0)``, ~10 ms):
 resident memory stays within the cache bound plus that margin.
 
 Why a margin: the ~100-150 MB the encoder frees are what the next prompt's decoder
@@ -16,15 +16,11 @@ An earlier fix pinned glibc's mmap threshold at 128 KiB. That also kept memory f
 every tensor over 128 KiB then came from a fresh mapping whose pages fault in on first
 touch: +1.1 ms per 4 MB tensor, which more than doubled the decoder's time (61 -> 141 ms).
 
-The other half, :func:`tune_allocator`, called once when a fast encoder is prepared: glibc
-serves a request above its mmap threshold from a fresh mapping, and its default threshold
-starts at 128 KiB and only grows as such blocks are freed, while its default trim
-threshold hands the top of the heap back as soon as a few tens of MB lie free there. The
-encoder's buffers (activations of 12-25 MB in bf16 for vit_b) were therefore page-faulted
-in afresh, slice after slice: ~200,000 faults and ~0.4 s of a 4.2 s slice. With the mmap
-threshold at glibc's maximum (32 MiB) and the trim threshold at ``2 * keep`` they stay in
-the heap: ~0 faults per slice once warm, resident memory +~100 MB (the heap's free pool,
-still capped by :func:`release_free_memory`).
+Tried and dropped: glibc's mmap threshold at its 32 MiB maximum and its trim threshold at
+512 MiB keep the encoder's activations in the heap (page faults per vit_b slice 190,000
+-> ~0, 5-8 % faster), but the heap's free pool then sits above the 256 MiB margin, the
+trim after each slice hands back pages the next clicks fault in again (decode p50 +2-10
+ms), and a larger margin breaks the walk's bound (peak 344 MB over model + cache).
 
 Set ``NAPARI_SAM_KEEP_MALLOC=1`` to leave the allocator alone.
 """
@@ -36,10 +32,7 @@ import ctypes.util
 import os
 import sys
 
-KEEP_FREE_BYTES = 384 * 2**20
-MMAP_THRESHOLD = 32 * 2**20  # glibc's largest accepted value on 64-bit
-TRIM_THRESHOLD = 2 * KEEP_FREE_BYTES
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+KEEP_FREE_BYTES = 256 * 2**20
 
 
 class _MallInfo2(ctypes.Structure):
@@ -63,9 +56,6 @@ def _glibc():
                     _libc = lib
                     if hasattr(lib, "mallinfo2"):  # glibc >= 2.33
                         lib.mallinfo2.restype = _MallInfo2
-                    if hasattr(lib, "mallopt"):
-                        lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-                        lib.mallopt.restype = ctypes.c_int
             except OSError:  # not glibc (musl, ...): nothing to do
                 _libc = None
     return _libc
@@ -95,23 +85,3 @@ def release_free_memory(*, keep: int = KEEP_FREE_BYTES) -> bool:
         return False
     lib.malloc_trim(0)
     return True
-
-
-_tuned: bool | None = None
-
-
-def tune_allocator() -> bool:
-    """Keep the encoder's large buffers in the heap between slices (once per process).
-
-    Sets glibc's mmap threshold to :data:`MMAP_THRESHOLD` and its trim threshold to
-    :data:`TRIM_THRESHOLD` (see the module docstring). Returns True if the allocator is
-    tuned; False without glibc or when ``$NAPARI_SAM_KEEP_MALLOC`` is set.
-    """
-    global _tuned
-    if _tuned is None:
-        lib = _glibc()
-        if os.environ.get("NAPARI_SAM_KEEP_MALLOC") or lib is None or not hasattr(lib, "mallopt"):
-            return False  # the variable may be unset later: look again next time
-        _tuned = bool(lib.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-            lib.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    return _tuned

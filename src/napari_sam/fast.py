@@ -388,9 +388,6 @@ def prepare_encoder(sam: "Sam", config: SpeedConfig) -> Callable[["torch.Tensor"
 
         return reference
 
-    from ._memory import tune_allocator
-
-    tune_allocator()  # the encoder's activations stay in the heap between slices
     stock = _is_stock_vit(encoder)
     fused = config.fused_attention and stock
 
