@@ -23,11 +23,12 @@ class _SiblingWriteErrors(logging.Filter):
 def quiet_sibling_write_errors() -> None:
     """Keep a failed zarr write to one error instead of one error plus stray tracebacks.
 
-    zarr writes a node's metadata files concurrently (``asyncio.gather``). On a full or
-    read-only disk several of them fail: the first is raised, and napari-sam reports it (a
-    warning, or the CLI's one-line error); the others are never retrieved, so asyncio logs
-    each with a traceback when it is garbage-collected, after the report. Only those
-    records (an ``OSError`` nobody retrieved) are dropped; idempotent.
+    zarr writes a node's metadata files concurrently (``asyncio.gather`` in its I/O thread).
+    On a full or read-only disk several of them fail: the first is raised, and napari-sam
+    reports it (a warning, or the CLI's one-line error). When the process exits right after
+    the report, zarr stops its event loop before ``gather`` has looked at the others, and
+    asyncio logs each of them with a traceback ("Task exception was never retrieved"; seen
+    in CI, 1 run in many). Only such records about an ``OSError`` are dropped; idempotent.
     """
     log = logging.getLogger("asyncio")
     if not any(isinstance(f, _SiblingWriteErrors) for f in log.filters):
