@@ -83,6 +83,11 @@ def test_follow_includes_the_slice_and_keeps_direction(tiny_model, stack):
     gate = seg.cache._slice_locks.setdefault(6, threading.Lock())
     with gate:  # keep the queue visible: the thread blocks on slice 6
         assert seg.prefetch(around=6) == [6, 7, 8, 5]
+        for _ in range(500):  # until the thread holds 6: else it may encode 5 before the
+            if pre._busy == 6:  # next request and that request would skip it
+                break
+            threading.Event().wait(0.01)
+        assert pre._busy == 6
         assert seg.prefetch(around=5)[:3] == [5, 4, 3]  # moved backwards
         assert seg.prefetch(around=5)[:3] == [5, 4, 3]  # a repeated call keeps the direction
     assert pre.wait(timeout=120)

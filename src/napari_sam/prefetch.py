@@ -205,4 +205,9 @@ class Prefetcher:
             finally:
                 with self._cond:
                     self._busy = None
+                    done = not self._queue
+                    if done:  # end now, not on the next turn: wait() may return at once
+                        self._thread = None
                     self._cond.notify_all()
+            if done:
+                return
