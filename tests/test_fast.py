@@ -14,7 +14,7 @@ import pytest
 import napari_sam as ns
 
 torch = pytest.importorskip("torch")
-from napari_sam import fast
+from napari_sam import _encoder, fast
 from napari_sam.fast import SpeedConfig, encode_batch, encoder_for, prepare_encoder, speed_config
 from napari_sam.testing import make_tiny_sam
 
@@ -256,12 +256,12 @@ def test_cuda_encode_batch(tiny_checkpoint):
 def test_bias_buffer_is_reused_per_thread_and_shape(vitlike):
     import threading
 
-    a = fast._bias_buffer((1, 2, 4, 4, 4, 4), torch.bfloat16, "cpu")
-    assert fast._bias_buffer((1, 2, 4, 4, 4, 4), torch.bfloat16, "cpu") is a
-    assert fast._bias_buffer((1, 2, 3, 3, 3, 3), torch.bfloat16, "cpu") is not a
-    assert fast._bias_buffer((1, 2, 4, 4, 4, 4), torch.bfloat16, "cpu") is a  # kept beside it
+    a = _encoder._bias_buffer((1, 2, 4, 4, 4, 4), torch.bfloat16, "cpu")
+    assert _encoder._bias_buffer((1, 2, 4, 4, 4, 4), torch.bfloat16, "cpu") is a
+    assert _encoder._bias_buffer((1, 2, 3, 3, 3, 3), torch.bfloat16, "cpu") is not a
+    assert _encoder._bias_buffer((1, 2, 4, 4, 4, 4), torch.bfloat16, "cpu") is a  # kept beside it
     other = []
-    t = threading.Thread(target=lambda: other.append(fast._bias_buffer((1, 2, 4, 4, 4, 4), torch.bfloat16, "cpu")))
+    t = threading.Thread(target=lambda: other.append(_encoder._bias_buffer((1, 2, 4, 4, 4, 4), torch.bfloat16, "cpu")))
     t.start()
     t.join()
     assert other[0] is not a  # never shared between threads

@@ -1,0 +1,147 @@
+"""The fused image encoder: ``ImageEncoderViT.forward`` re-written as functions.
+
+The same modules and weights as ``sam.image_encoder``, nothing patched or copied
+(:func:`napari_sam.fast.prepare_encoder` chooses when to use them):
+
+* attention carries SAM's decomposed relative-position bias as an additive mask: global
+  blocks (4096 tokens for the official models) through ``scaled_dot_product_attention``'s
+  flash kernel, which never forms the 4096 x 4096 probabilities; on the CPU, windows
+  (196 tokens) as three batched matmuls, which beat the flash kernel's tiling there;
+* the bias goes into a buffer kept per thread and shape (a fresh 400 MB one page-faults);
+* under autocast, the residual stream and the neck's layer norms stay float32.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+def _rel_pos_bias(q: "torch.Tensor", rel_pos_h, rel_pos_w, hw: tuple[int, int]) -> "torch.Tensor":
+    """SAM's decomposed relative-position bias as an additive mask, (B, nH, N, N).
+
+    ``q`` is (B, nH, N, C) and *unscaled*, as in ``add_decomposed_rel_pos``.
+    """
+    import torch
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    h, w = hw
+    b, nh, _, c = q.shape
+    rh = get_rel_pos(h, h, rel_pos_h).to(q.dtype)  # (h, h, C)
+    rw = get_rel_pos(w, w, rel_pos_w).to(q.dtype)  # (w, w, C)
+    r_q = q.reshape(b, nh, h, w, c)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)  # (B, nH, h, w, kh)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)  # (B, nH, h, w, kw)
+    # written straight into a contiguous buffer: einsum's outputs are permuted views, and a
+    # plain ``+`` would inherit their layout and cost a second 4096 x 4096 x nH copy
+    # (under torch.compile the fused kernel writes it contiguously anyway)
+    if torch.compiler.is_compiling():
+        return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, nh, h * w, h * w)
+    bias = _bias_buffer((b, nh, h, w, h, w), q.dtype, q.device)
+    torch.add(rel_h.contiguous()[..., :, None], rel_w.contiguous()[..., None, :], out=bias)
+    return bias.view(b, nh, h * w, h * w)
+
+
+_BUFFERS = threading.local()
+
+
+def _bias_buffer(shape: tuple[int, ...], dtype, device) -> "torch.Tensor":
+    """A reusable buffer for the relative-position bias, per thread and shape.
+
+    A global-attention bias is 4096 x 4096 x nH (400 MB in bf16 for vit_b). A fresh buffer
+    of that size is a fresh mapping whose pages fault in on first touch: ~170 ms per global
+    layer, four times per slice, against ~25 ms to fill a resident one. Buffers are kept
+    per thread (encoders in different threads never share one) and freed with the thread;
+    window and global blocks each keep theirs (a few shapes per model).
+    """
+    import torch
+
+    held = getattr(_BUFFERS, "bias", None)
+    if held is None:
+        held = _BUFFERS.bias = {}
+    key = (tuple(shape), dtype, str(device))
+    buf = held.get(key)
+    if buf is None:
+        if len(held) >= 4:  # another model or slice size: start over
+            held.clear()
+        buf = held[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buf
+
+
+_SMALL_ATTENTION = 1024  # tokens per window up to which attention runs as plain matmuls
+
+
+def _attention(attn, x: "torch.Tensor") -> "torch.Tensor":
+    """``segment_anything...image_encoder.Attention.forward`` with one SDPA call.
+
+    Global attention (4096 tokens) runs in SDPA's flash kernel, which never forms the
+    4096 x 4096 probabilities; on the CPU, windows (196 tokens) as three batched matmuls.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b, h, w, _ = x.shape
+    n = h * w
+    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (B, nH, N, C)
+    mask = _rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w)) if attn.use_rel_pos else None
+    if mask is not None and n <= _SMALL_ATTENTION and x.device.type == "cpu":
+        # windows (14 x 14 tokens) on the CPU: three batched matmuls beat the flash
+        # kernel's tiling (19 vs 33 ms per vit_b block); GPUs keep SDPA's kernels
+        nh, c = q.shape[1], q.shape[-1]
+        scores = torch.baddbmm(mask.view(-1, n, n), q.reshape(-1, n, c),
+                               k.reshape(-1, n, c).transpose(1, 2), alpha=attn.scale)
+        out = torch.bmm(scores.softmax(-1).to(v.dtype), v.reshape(-1, n, c)).view(b, nh, n, c)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(b, h, w, -1)
+    return attn.proj(out)
+
+
+def _block(blk, x: "torch.Tensor", fused: bool) -> "torch.Tensor":
+    """``Block.forward`` with the attention of :func:`_attention` when ``fused``."""
+    from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+
+    shortcut = x
+    x = blk.norm1(x)
+    if blk.window_size > 0:
+        hw = (x.shape[1], x.shape[2])
+        x, pad_hw = window_partition(x, blk.window_size)
+    x = _attention(blk.attn, x) if fused else blk.attn(x)
+    if blk.window_size > 0:
+        x = window_unpartition(x, blk.window_size, pad_hw, hw)
+    x = shortcut + x  # float32 residual stream under autocast (shortcut is float32)
+    return x + blk.mlp(blk.norm2(x))
+
+
+def _neck(neck, x: "torch.Tensor") -> "torch.Tensor":
+    """The neck (conv, LayerNorm2d, conv, LayerNorm2d) with the norms in float32."""
+    import torch
+    from segment_anything.modeling.common import LayerNorm2d
+
+    for layer in neck:
+        if isinstance(layer, LayerNorm2d):
+            with torch.autocast(x.device.type, enabled=False):
+                x = layer(x.float())
+        else:
+            x = layer(x)
+    return x
+
+
+def _is_stock_vit(encoder) -> bool:
+    """True for an unmodified ``ImageEncoderViT`` whose pieces the fused path knows."""
+    from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT
+
+    if type(encoder) is not ImageEncoderViT:
+        return False
+    for blk in encoder.blocks:
+        if type(blk) is not Block or type(blk.attn) is not Attention:
+            return False
+        # a per-instance forward override or hooks would be skipped by the fused path
+        for mod in (blk, blk.attn):
+            if "forward" in vars(mod) or mod._forward_hooks or mod._forward_pre_hooks:
+                return False
+    return True
