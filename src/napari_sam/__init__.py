@@ -17,6 +17,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import _native
+
+# before anything imports torchvision (and so triton): see _native for the crash it avoids
+_native.install()
+
 __version__ = "0.1.0"
 
 # public name -> module that defines it

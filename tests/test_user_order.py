@@ -1,0 +1,43 @@
+"""The order in which users work, in fresh processes: a napari viewer first, then SAM.
+
+A viewer creates an OpenGL context; with Mesa's drivers (llvmpipe under Xvfb, VMs,
+remote desktops) that loads Mesa's LLVM. Triton, imported later by torchvision through
+torch._dynamo, carries its own LLVM and crashed the process (napari_sam._native).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.gui
+
+_VIEWER_THEN = """
+import napari
+viewer = napari.Viewer(show=True)
+{between}
+import torch._dynamo, torchvision, segment_anything
+print("survived")
+"""
+
+
+def _run(code: str, *, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    full = dict(os.environ, NAPARI_APPLICATION_IPY_INTERACTIVE="false", **(env or {}))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout, env=full)
+
+
+def test_viewer_first_then_torchvision_does_not_crash():
+    """The three-line reproduction, with and without napari_sam's guard in between."""
+    pytest.importorskip("triton", reason="the clash needs triton (CUDA builds of torch)")
+    guarded = _run(_VIEWER_THEN.format(between="import napari_sam"))
+    assert guarded.returncode == 0 and "survived" in guarded.stdout, guarded.stderr[-2000:]
+    bare = _run(_VIEWER_THEN.format(between=""))
+    if bare.returncode == 0:
+        pytest.skip("this GL stack does not clash with triton's LLVM (no Mesa LLVM loaded); "
+                    "the guarded run above still passed")
+    assert bare.returncode == -11, bare.stderr[-2000:]  # the crash napari_sam prevents
