@@ -2,7 +2,7 @@
 
 The simulated user arrives on a slice, clicks once (one decode), looks at the result until
 ``pace x`` the encoder's time per slice has passed since arriving, and steps to the next
-slice. On each arrival the engine's :class:`~napari_sam.prefetch.Prefetcher` is told
+slice. On each arrival the engine's :class:`~napari_sam.engine.prefetch.Prefetcher` is told
 (``Segmenter.prefetch(around=i)``), exactly as the napari widget does. Measured per step:
 
 * **wait**: from the step to the embedding being available (``Segmenter.embedding``);
@@ -63,9 +63,9 @@ def walk(model, stack, *, start: int, steps: int, dwell: float, prefetch: bool, 
         waits.append(arrived - step)
         if prefetch:
             seg.prefetch(around=start + k)
-    stats = seg.cache.prefetcher.stats if prefetch else {}
-    seg.cache.prefetcher.cancel()
-    seg.cache.prefetcher.wait()
+    stats = seg.prefetcher.stats if prefetch else {}
+    seg.prefetcher.cancel()
+    seg.prefetcher.wait()
     ms = lambda v, q: float(np.percentile(v, q) * 1e3)  # noqa: E731
     return {
         "waits_ms": [x * 1e3 for x in waits],

@@ -1,7 +1,7 @@
 """Compare propagation strategies (box, points, mask) on ../shared/data/synthetic3d.
 
 Every ground-truth object of ``mask3d.tif`` is seeded with its own mask on its central
-slice and followed through Z with :func:`napari_sam.volume.propagate_many` (batched). For
+slice and followed through Z with :func:`napari_sam.workflows.volume.propagate_many` (batched). For
 each strategy we report the mean per-object 3D IoU against the ground truth, the slices
 visited and accepted, why directions stopped, decoder time, and the error in Z extent.
 
@@ -43,7 +43,8 @@ def main() -> None:
     import tifffile
 
     import napari_sam as ns
-    from napari_sam import volume as V
+    from napari_sam.workflows import auto as A
+from napari_sam.workflows import volume as V
 
     img = tifffile.imread(Path(args.data) / "img3d.tif")
     gt = tifffile.imread(Path(args.data) / "mask3d.tif")

@@ -116,9 +116,8 @@ def e2e_best_masks(model, features, rgb, prompts, cfg):
 
     from segment_anything.utils.transforms import ResizeLongestSide
 
-    from napari_sam.embeddings import Embedding
-    from napari_sam.segment import decode
-
+    from napari_sam.models.base import Embedding
+    
     input_size = ResizeLongestSide.get_preprocess_shape(*rgb.shape[:2], model.sam.image_encoder.img_size)
     emb = Embedding(features, input_size, rgb.shape[:2])
     out = []
@@ -141,7 +140,7 @@ def bench_embed(args, model, rgb):
     import torch
     from segment_anything import SamPredictor
 
-    from napari_sam import fast
+    from napari_sam.models import speed as fast
 
     configs = {
         "fused fp32": fast.SpeedConfig(fused_attention=True, autocast=None),
@@ -287,7 +286,7 @@ def bench_decode(args, rgb):
 def bench_gpu_batches(args, model, rgb):
     import torch
 
-    from napari_sam import fast
+    from napari_sam.models import speed as fast
 
     flops = encoder_flops(model.architecture)
     out = {"flops_per_slice": flops, "peak_tflops": args.peak_tflops, "batches": {}}
@@ -330,7 +329,7 @@ def main(argv=None):
     import torch
 
     import napari_sam as ns
-    from napari_sam import fast
+    from napari_sam.models import speed as fast
     from napari_sam.testing import make_tiny_sam
 
     if args.image.exists():

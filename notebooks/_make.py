@@ -132,7 +132,7 @@ import tifffile
 from tqdm.auto import tqdm
 
 import napari_sam as ns
-from napari_sam import batch, volume
+from napari_sam.workflows import batch, volume
 from napari_sam.synthetic import make_nuclei_stack
 
 workdir = Path(tempfile.mkdtemp(prefix="napari-sam-volume-"))
@@ -202,7 +202,7 @@ import tifffile
 from dask.distributed import Client, LocalCluster
 
 import napari_sam as ns
-from napari_sam import batch
+from napari_sam.workflows import batch
 from napari_sam.synthetic import make_nuclei_stack
 
 workdir = Path(tempfile.mkdtemp(prefix="napari-sam-cluster-"))

@@ -337,7 +337,7 @@ class _Layer:
 def test_widget_points_on_another_slice_or_outside_are_skipped():
     """Documented (widget): prompts belong to the slice of their rounded leading
     coordinate; points on other slices are not used, points outside are reported."""
-    from napari_sam._napari.prompts import prompts_for_slice
+    from napari_sam._napari.geometry import ImageGeometry, prompts_for_slice
 
     image = _Layer(np.zeros((5, 40, 50)), scale=(2.0, 0.5, 0.5))
     pts = _Layer(np.array([[2, 10, 10], [3, 10, 10], [2, 100, 10], [2, 5, 6]], float),
@@ -345,10 +345,11 @@ def test_widget_points_on_another_slice_or_outside_are_skipped():
     boxes = _Layer([np.array([[4, 1, 1], [4, 1, 9], [4, 9, 9], [4, 9, 1]], float),
                     np.array([[2, 3, 3], [2, 3, 3], [2, 3, 3], [2, 3, 3]], float)],
                    scale=(2.0, 0.5, 0.5), shape_type=["rectangle", "rectangle"])
-    out = prompts_for_slice(image, pts, boxes, (2,), (40, 50), (4.0, 0, 0))
-    np.testing.assert_array_equal(out.points, [[10, 10], [5, 6]])
-    np.testing.assert_array_equal(out.labels, [1, 0])
-    assert out.box is None  # the slice-4 box is elsewhere; the slice-2 one has no area
+    out = prompts_for_slice(ImageGeometry(image), pts, boxes, (2,), (4.0, 0, 0))
+    [obj] = out.objects  # the points of slice 2 inside the image: one object
+    np.testing.assert_array_equal(obj.points, [[10, 10], [5, 6]])
+    np.testing.assert_array_equal(obj.labels, [1, 0])
+    assert obj.box is None  # the slice-4 box is elsewhere; the slice-2 one has no area
     assert any("outside the image" in p for p in out.problems)
     assert any("without area" in p for p in out.problems)
 

@@ -8,8 +8,8 @@ import tifffile
 import zarr
 
 import napari_sam as ns
-from napari_sam import batch
-from napari_sam._prompts_io import ObjectPrompt
+from napari_sam.workflows import batch
+from napari_sam.io.prompt_files import ObjectPrompt
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ OBJECTS = [
 def _direct(tiny_model, path, objects):
     """What segment_prompts must produce, computed with the plain engine (batch jobs decode
     in float32: ``fast.reproducible``)."""
-    from napari_sam.fast import reproducible, speed_config
+    from napari_sam.models.speed import reproducible, speed_config
 
     seg = ns.Segmenter(tiny_model, path, speed=reproducible(speed_config("cpu")))
     labels = np.zeros(seg.stack.shape, np.uint32)

@@ -12,10 +12,9 @@ import pytest
 import napari_sam as ns
 
 torch = pytest.importorskip("torch")
-from napari_sam import fast
-from napari_sam._decoder import FastDecoder, decoder_for, is_stock_decoder
-from napari_sam.fast import OFF, speed_config
-from napari_sam.segment import decode
+from napari_sam.models import speed as fast
+from napari_sam.models._decoder import FastDecoder, decoder_for, is_stock_decoder
+from napari_sam.models.speed import OFF, speed_config
 from napari_sam.testing import make_tiny_sam
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -190,8 +189,8 @@ def test_segmenter_fast_and_reference_decoders_agree(tiny_model, synthetic_stack
     for _ in range(5):
         pts = rng.uniform(0, 90, (3, 2))
         labels = rng.integers(0, 2, 3)
-        a = decode(tiny_model, emb, points=pts[None], point_labels=labels[None], multimask=True, speed=OFF)
-        b = decode(tiny_model, emb, points=pts[None], point_labels=labels[None], multimask=True,
+        a = tiny_model.decode(emb, points=pts[None], point_labels=labels[None], multimask=True, speed=OFF)
+        b = tiny_model.decode(emb, points=pts[None], point_labels=labels[None], multimask=True,
                    speed=speed_config("cpu", mode="fused"))
         assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1], b[1], atol=1e-5)
         p_ref = ref.predict(1, points=pts, point_labels=labels)

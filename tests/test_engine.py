@@ -14,7 +14,7 @@ import pytest
 import tifffile
 
 import napari_sam as ns
-from napari_sam.embeddings import EmbeddingStoreWarning
+from napari_sam.engine.store import EmbeddingStoreWarning
 
 
 def iou(a, b):
@@ -291,7 +291,7 @@ def test_prompt_errors_are_clear(tiny_model, synthetic_stack):
 
 def test_fast_path_is_default_and_keyed_in_the_store(tiny_model, synthetic_stack, tmp_path):
     """The default encoder is the fast path for the device; a store keeps precisions apart."""
-    from napari_sam.fast import speed_config
+    from napari_sam.models.speed import speed_config
 
     seg = ns.Segmenter(tiny_model, synthetic_stack, cache=tmp_path / "e.zarr")
     assert seg.cache.speed == speed_config(tiny_model.device)
@@ -307,7 +307,7 @@ def test_fast_path_is_default_and_keyed_in_the_store(tiny_model, synthetic_stack
 
 
 def test_batched_embed_equals_one_by_one(tiny_model, synthetic_stack, tmp_path):
-    from napari_sam.fast import speed_config, with_batch_size
+    from napari_sam.models.speed import speed_config, with_batch_size
 
     cfg = with_batch_size(speed_config(tiny_model.device, mode="fused"), 4)
     batched = ns.Segmenter(tiny_model, synthetic_stack, cache=tmp_path / "b.zarr", speed=cfg)

@@ -14,8 +14,10 @@ import pytest
 import napari_sam as ns
 
 torch = pytest.importorskip("torch")
-from napari_sam import _encoder, fast
-from napari_sam.fast import SpeedConfig, encode_batch, encoder_for, prepare_encoder, speed_config
+from napari_sam.models import _vit as _encoder
+from napari_sam.models import speed as fast
+from napari_sam.models._vit import encoder_for, prepare_encoder
+from napari_sam.models.speed import SpeedConfig, speed_config
 from napari_sam.testing import make_tiny_sam
 
 FP32_TOL = 1e-4
@@ -146,9 +148,9 @@ def test_unknown_encoder_falls_back(vitlike):
 
 
 def test_encoder_for_caches_per_config(tiny_model):
-    a = encoder_for(tiny_model, SpeedConfig(autocast=None))
-    assert encoder_for(tiny_model, SpeedConfig(autocast=None)) is a
-    assert encoder_for(tiny_model, SpeedConfig(autocast="bf16")) is not a
+    a = encoder_for(tiny_model.sam, SpeedConfig(autocast=None))
+    assert encoder_for(tiny_model.sam, SpeedConfig(autocast=None)) is a
+    assert encoder_for(tiny_model.sam, SpeedConfig(autocast="bf16")) is not a
 
 
 # ------------------------------------------------------------------ batched encoding
@@ -159,7 +161,7 @@ def test_encode_batch_reference_equals_sampredictor(tiny_model):
     rgb = rng.integers(0, 255, (90, 130, 3), dtype=np.uint8)
     pred = SamPredictor(tiny_model.sam)
     pred.set_image(rgb)
-    (emb,) = encode_batch(tiny_model, [rgb], config=fast.OFF)
+    (emb,) = tiny_model.encode([rgb], speed=fast.OFF)
     assert torch.equal(emb.features, pred.features)
     assert emb.input_size == tuple(pred.input_size)
     assert emb.original_size == tuple(pred.original_size)
@@ -169,8 +171,8 @@ def test_encode_batch_matches_single_slices(tiny_model):
     rng = np.random.default_rng(1)
     rgbs = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(64, 80, 3), (100, 50, 3), (70, 70, 3)]]
     cfg = SpeedConfig(fused_attention=True, autocast=None, batch_size=2)
-    batched = encode_batch(tiny_model, rgbs, config=cfg)
-    single = [encode_batch(tiny_model, [r], config=fast.OFF)[0] for r in rgbs]
+    batched = tiny_model.encode(rgbs, speed=cfg)
+    single = [tiny_model.encode([r], speed=fast.OFF)[0] for r in rgbs]
     assert len(batched) == 3
     for b, s, r in zip(batched, single, rgbs):
         assert b.original_size == r.shape[:2] and b.input_size == s.input_size
@@ -182,7 +184,7 @@ def test_encode_batch_matches_single_slices(tiny_model):
 
 def test_encode_batch_rejects_non_rgb(tiny_model):
     with pytest.raises(ValueError, match="uint8"):
-        encode_batch(tiny_model, [np.zeros((10, 10), np.uint8)], config=fast.OFF)
+        tiny_model.encode([np.zeros((10, 10), np.uint8)], speed=fast.OFF)
 
 
 def test_fused_masks_match_on_real_image(tiny_model, data_dir):
@@ -198,7 +200,7 @@ def test_fused_masks_match_on_real_image(tiny_model, data_dir):
     for pts in prompts:
         m, s, _ = pred.predict(point_coords=pts[:, ::-1], point_labels=np.ones(len(pts)))
         ref_masks.append(m[np.argmax(s)])
-    (emb,) = encode_batch(tiny_model, [rgb], config=SpeedConfig(fused_attention=True, autocast=None))
+    (emb,) = tiny_model.encode([rgb], speed=SpeedConfig(fused_attention=True, autocast=None))
     pred.features = emb.features
     ious = []
     for pts, ref in zip(prompts, ref_masks):
@@ -245,8 +247,8 @@ def test_cuda_encode_batch(tiny_checkpoint):
     model = ns.load_model(checkpoint=tiny_checkpoint, device="cuda")
     rng = np.random.default_rng(2)
     rgbs = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(5)]
-    batched = encode_batch(model, rgbs, config=speed_config("cuda"))
-    single = encode_batch(model, rgbs, config=fast.OFF)
+    batched = model.encode(rgbs, speed=speed_config("cuda"))
+    single = model.encode(rgbs, speed=fast.OFF)
     for b, s in zip(batched, single):
         assert b.features.device.type == "cuda"
         mx, mean = rel_err(b.features, s.features)

@@ -26,8 +26,8 @@ import tifffile
 import zarr
 
 import napari_sam as ns
-from napari_sam import batch
-from napari_sam.embeddings import EmbeddingStoreWarning
+from napari_sam.workflows import batch
+from napari_sam.engine.store import EmbeddingStoreWarning
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 TOL = 1e-2  # float16 store vs fresh float32 features (as test_engine)
@@ -195,7 +195,7 @@ KILL_BEFORE_TIFF_RENAME = textwrap.dedent(
     """
     import os, signal, sys
     import napari_sam as ns
-    from napari_sam import batch
+    from napari_sam.workflows import batch
     real = os.replace
     def replace(src, dst):
         if str(dst).endswith(".tif"):
@@ -382,7 +382,7 @@ def test_sibling_write_errors_are_not_logged_after_the_report(caplog):
     import gc
     import logging
 
-    from napari_sam._store import quiet_sibling_write_errors
+    from napari_sam.io.zarr_logging import quiet_sibling_write_errors
 
     def unretrieved(exc: BaseException) -> list[logging.LogRecord]:
         async def fail():

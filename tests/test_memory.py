@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from napari_sam import _memory
+from napari_sam.engine import _memory
 
 glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux") or _memory._glibc() is None,
                                 reason="glibc only")

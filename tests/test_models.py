@@ -22,7 +22,7 @@ import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from napari_sam import _download
+from napari_sam.models import download as _download
 from napari_sam._errors import CheckpointError, ChecksumError, DownloadError, InvalidInputError
 from napari_sam.models import (
     OFFICIAL_ARCHITECTURES,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import napari_sam as ns
-from napari_sam.prefetch import Prefetcher, neighbours
+from napari_sam.engine.prefetch import Prefetcher, neighbours
 
 pytest.importorskip("torch")
 
@@ -34,10 +34,10 @@ def test_request_embeds_in_background_and_thread_ends(tiny_model, stack):
     seg = ns.Segmenter(tiny_model, stack)
     queued = seg.prefetch([3, 4, 4, 5])
     assert queued == [3, 4, 5]
-    assert seg.cache.prefetcher.wait(timeout=120)
+    assert seg.prefetcher.wait(timeout=120)
     assert all(seg.cache.in_memory(i) for i in (3, 4, 5))
     assert not seg.cache.in_memory(6)
-    pre = seg.cache.prefetcher
+    pre = seg.prefetcher
     assert pre.stats["embedded"] == 3 and seg.cache.stats["encoder_calls"] == 3
     assert pre._thread is None and not pre.busy  # no idle thread left behind
     # already in memory: nothing to queue, nothing recomputed
@@ -55,31 +55,31 @@ def test_newest_request_replaces_the_queue(tiny_model, stack):
     try:
         seg.prefetch([1, 2, 3, 4])
         for _ in range(200):
-            if cache.prefetcher._busy == 1:
+            if seg.prefetcher._busy == 1:
                 break
             threading.Event().wait(0.01)
-        assert cache.prefetcher._busy == 1
+        assert seg.prefetcher._busy == 1
         assert seg.prefetch([8]) == [8]  # the user jumped away
     finally:
         gate.release()
-    assert cache.prefetcher.wait(timeout=120)
+    assert seg.prefetcher.wait(timeout=120)
     assert cache.in_memory(8) and cache.in_memory(1)
     assert not any(cache.in_memory(i) for i in (2, 3, 4))
-    assert cache.prefetcher.stats["dropped"] == 3
+    assert seg.prefetcher.stats["dropped"] == 3
 
 
 def test_get_waits_for_a_prefetch_instead_of_encoding_twice(tiny_model, stack):
     seg = ns.Segmenter(tiny_model, stack)
     seg.prefetch([7])
     emb = seg.embedding(7)  # while (or after) the prefetcher works on it
-    assert seg.cache.prefetcher.wait(timeout=120)
+    assert seg.prefetcher.wait(timeout=120)
     assert seg.cache.stats["encoder_calls"] == 1
     assert seg.embedding(7) is emb
 
 
 def test_follow_includes_the_slice_and_keeps_direction(tiny_model, stack):
     seg = ns.Segmenter(tiny_model, stack)
-    pre = seg.cache.prefetcher
+    pre = seg.prefetcher
     gate = seg.cache._slice_locks.setdefault(6, threading.Lock())
     with gate:  # keep the queue visible: the thread blocks on slice 6
         assert seg.prefetch(around=6) == [6, 7, 8, 5]
@@ -110,8 +110,8 @@ def test_errors_are_kept_and_the_queue_goes_on(tiny_model, stack, monkeypatch):
 
     monkeypatch.setattr(seg.cache, "_compute", failing)
     seg.prefetch([2, 3])
-    assert seg.cache.prefetcher.wait(timeout=120)
-    pre = seg.cache.prefetcher
+    assert seg.prefetcher.wait(timeout=120)
+    pre = seg.prefetcher
     assert pre.stats["errors"] == 1 and "slice 2 is unreadable" in str(pre.last_error)
     assert seg.cache.in_memory(3) and not seg.cache.in_memory(2)
 
@@ -129,29 +129,29 @@ def test_prefetch_thread_runs_at_lower_priority(tiny_model, stack, monkeypatch):
     monkeypatch.setattr(seg.cache, "get", recording)
     base = os.getpriority(os.PRIO_PROCESS, 0)
     seg.prefetch([0])
-    assert seg.cache.prefetcher.wait(timeout=120)
-    assert seen == [min(19, base + seg.cache.prefetcher.nice)]
+    assert seg.prefetcher.wait(timeout=120)
+    assert seen == [min(19, base + seg.prefetcher.nice)]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # caller untouched
 
 
 def test_prefetch_fills_the_store_too(tiny_model, stack, tmp_path):
     seg = ns.Segmenter(tiny_model, stack, cache=tmp_path / "s.zarr")
     seg.prefetch([0, 1])
-    assert seg.cache.prefetcher.wait(timeout=120)
+    assert seg.prefetcher.wait(timeout=120)
     again = ns.Segmenter(tiny_model, stack, cache=tmp_path / "s.zarr")
     assert list(again.cache.stored_indices()) == [0, 1]
 
 
 def test_cancel_prefetch_drops_the_queue(tiny_model, stack):
     seg = ns.Segmenter(tiny_model, stack)
-    seg.cache.cancel_prefetch()  # no prefetcher yet: nothing to do
-    assert seg.cache._prefetcher is None
+    seg.cancel_prefetch()  # no prefetcher yet: nothing to do
+    assert seg._prefetcher is None
     gate = seg.cache._slice_locks.setdefault(0, threading.Lock())
     with gate:
         seg.prefetch([0, 1, 2])
-        seg.cache.cancel_prefetch()
-        assert seg.cache.prefetcher.queue == ()
-    assert seg.cache.prefetcher.wait(timeout=120)
+        seg.cancel_prefetch()
+        assert seg.prefetcher.queue == ()
+    assert seg.prefetcher.wait(timeout=120)
     assert not seg.cache.in_memory(1) and not seg.cache.in_memory(2)
 
 

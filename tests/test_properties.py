@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from napari_sam import StackError
-from napari_sam._stack_io import check_axes
+from napari_sam.io.formats import check_axes
 from napari_sam.labels import LabelHistory, next_label_id, paint, redo, undo
-from napari_sam.segment import _to_sam_xy
-from napari_sam.stacks import infer_axes, open_stack
+from napari_sam.models.sam import to_sam_xy as _to_sam_xy
+from napari_sam.io.stacks import infer_axes, open_stack
 
 SETTINGS = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -124,6 +124,7 @@ class _Layer:
 
     def __init__(self, ndim, scale, translate):
         self.ndim = ndim
+        self.data = np.zeros((1,) * ndim)
         self.scale = np.asarray(scale, float)
         self.translate = np.asarray(translate, float)
 
@@ -141,7 +142,7 @@ shifts = st.floats(-1000, 1000, allow_nan=False)
 @SETTINGS
 @given(st.data())
 def test_prompt_coords_round_trip_data_world_data(data):
-    from napari_sam._napari.prompts import rows_on_slice, to_image_coords
+    from napari_sam._napari.geometry import ImageGeometry
 
     ndim = data.draw(st.integers(2, 4))
     image = _Layer(ndim, data.draw(st.lists(scales, min_size=ndim, max_size=ndim)),
@@ -150,19 +151,20 @@ def test_prompt_coords_round_trip_data_world_data(data):
     pts = data.draw(hnp.arrays(np.float64, (data.draw(st.integers(1, 5)), ndim),
                                elements=st.floats(-100, 600, allow_nan=False)))
     world_point = image.data_to_world(np.zeros(ndim))
-    back = to_image_coords(image, image, pts, world_point)
+    geo = ImageGeometry(image)
+    back = geo.to_data(image, pts, world_point)
     np.testing.assert_allclose(back, pts, rtol=1e-9, atol=1e-6)
     # a 2D prompt layer with its own transform lands at the same world (y, x)
     yx_layer = _Layer(2, data.draw(st.lists(scales, min_size=2, max_size=2)),
                       data.draw(st.lists(shifts, min_size=2, max_size=2)))
     yx = pts[:, -2:]
     world_yx = np.array([yx_layer.data_to_world(r) for r in yx])
-    got = to_image_coords(image, yx_layer, yx, world_point)
+    got = geo.to_data(yx_layer, yx, world_point)
     np.testing.assert_allclose(image.data_to_world(got)[..., -2:] if got.ndim == 1 else
                                np.array([image.data_to_world(r)[-2:] for r in got]),
                                world_yx, rtol=1e-9, atol=1e-6)
     # the leading coordinates of a 2D prompt layer are the viewer's current slice
-    assert rows_on_slice(got, np.zeros(ndim - 2, int)).all()
+    assert geo.on_slice(got, np.zeros(ndim - 2, int)).all()
 
 
 # ------------------------------------------------------------------ axes

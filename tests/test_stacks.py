@@ -18,7 +18,7 @@ import zarr
 from numpy.testing import assert_array_equal
 
 from napari_sam import StackError
-from napari_sam.stacks import Stack, infer_axes, open_stack
+from napari_sam.io.stacks import Stack, infer_axes, open_stack
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -279,7 +279,7 @@ def test_tiff_yx_and_rgb(tmp_path):
 
 
 def test_tiff_axes_mapping(tmp_path):
-    from napari_sam._stack_io import map_tiff_axes
+    from napari_sam.io.tiff import map_tiff_axes
 
     assert map_tiff_axes("QYX") == ("ZYX", False)
     assert map_tiff_axes("IQYX") == ("ZTYX", False)
@@ -526,7 +526,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
     import numpy as np, tifffile, zarr
-    from napari_sam.stacks import open_stack
+    from napari_sam.io.stacks import open_stack
     import psutil
     before = psutil.Process().memory_info().rss // 1024  # current RSS (KiB), after imports
     s = open_stack(sys.argv[1])

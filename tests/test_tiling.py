@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import napari_sam as ns
-from napari_sam.tiling import TiledSegmenter, TiledStack, tile_starts
+from napari_sam.workflows.tiling import TiledSegmenter, TiledStack, tile_starts
 
 
 @pytest.fixture(scope="module")

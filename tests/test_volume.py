@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import napari_sam as ns
-from napari_sam import volume as V
+from napari_sam.workflows import auto as auto_mod
+from napari_sam.workflows import volume as V
 
 
 # ---------------------------------------------------------------- the 3D merge
@@ -23,7 +24,7 @@ def test_merge_slices_exact_ids():
     s[2, 3:6, 0:2] = 7          # new D (no overlap)
     s[3, 0:3, 0:3] = 1          # A; B and C ended, gap ids must not be reused
     s[3, 3:6, 5:8] = 2          # B came back after a gap: a NEW id, E
-    out = V.merge_slices(s, min_iou=0.5)
+    out = auto_mod.merge_slices(s, min_iou=0.5)
     # new ids in order of first appearance: slice, then the 2D id (B=2 before A=5)
     A, B, C, D, E = 2, 1, 3, 4, 5
     expected = np.zeros_like(out)
@@ -45,9 +46,9 @@ def test_merge_one_to_one_and_threshold():
     s[0, :, 0:8] = 1            # one wide object
     s[1, :, 0:5] = 1            # splits into two: the better overlap keeps the id
     s[1, :, 5:8] = 2
-    out = V.merge_slices(s, min_iou=0.3)
+    out = auto_mod.merge_slices(s, min_iou=0.3)
     assert (out[1, :, 0:5] == 1).all() and (out[1, :, 5:8] == 2).all()
-    out = V.merge_slices(s, min_iou=0.7)  # 5/8 < 0.7: nothing links
+    out = auto_mod.merge_slices(s, min_iou=0.7)  # 5/8 < 0.7: nothing links
     assert set(np.unique(out[1]).tolist()) == {2, 3}
 
 
@@ -58,21 +59,24 @@ def _disk(shape, cy, cx, r):
 
 
 class FakeSegmenter(ns.Segmenter):
-    """A Segmenter whose predict returns a scripted mask and score per slice."""
+    """A Segmenter whose predict_many returns a scripted mask and score per slice."""
 
     def __init__(self, stack, script):
         self.stack = stack
-        self.model = SimpleNamespace(architecture=SimpleNamespace(image_size=1024))
+        self.model = SimpleNamespace(mask_input_size=256)
         self.script = script  # slice index -> (mask, score)
         self.calls = []
 
-    def predict(self, index, *, points=None, point_labels=None, box=None, mask_input=None,
-                multimask=True):
-        self.calls.append({"index": index, "points": points, "box": box,
-                           "mask_input": mask_input, "multimask": multimask})
-        mask, score = self.script[index]
-        return SimpleNamespace(mask=mask, scores=np.array([score]), best=0,
-                               logits=np.full((1, 256, 256), float(index)))
+    def predict_many(self, index, prompts, *, multimask=None):
+        out = []
+        for p in prompts:
+            self.calls.append({"index": index, "points": p.points if p.n_points else None,
+                               "box": p.box, "mask_input": p.mask_input,
+                               "multimask": p.multimask if multimask is None else multimask})
+            mask, score = self.script[index]
+            out.append(SimpleNamespace(mask=mask, scores=np.array([score]), best=0, score=score,
+                                       logits=np.full((1, 256, 256), float(index))))
+        return out
 
 
 @pytest.fixture
@@ -120,8 +124,8 @@ def test_strategies_prompt_from_previous_mask(stack, strategy):
         pts = np.asarray(first["points"]).astype(int)
         assert len(pts) >= 1 and seed[pts[:, 0], pts[:, 1]].all()
     if strategy == "mask":
-        m = first["mask_input"]
-        assert m.shape == (256, 256)
+        assert first["mask_input"].shape == (1, 256, 256)  # Prompt keeps (1, s, s)
+        m = first["mask_input"][0]
         # seed has no logits: the mask itself, in SAM's padded 256 frame (40 -> 1024 -> 256)
         assert m[int(15 * 6.4), int(15 * 6.4)] > 0 and m[200, 200] < 0
         later = [c for c in seg.calls if c["index"] == 2]
@@ -156,7 +160,7 @@ def test_propagate_many_batched_equals_one_by_one(tiny_seg):
 
 
 def test_auto_segment_slice_paints_disjoint_consecutive_ids(tiny_seg):
-    lab = V.auto_segment_slice(tiny_seg, 1, points_per_side=6, pred_iou_thresh=-1e9,
+    lab = auto_mod.auto_segment_slice(tiny_seg, 1, points_per_side=6, pred_iou_thresh=-1e9,
                                stability_score_thresh=0.0, min_area=4, max_area_fraction=1.0)
     assert lab.shape == (48, 48) and lab.dtype == np.uint32
     ids = np.unique(lab[lab > 0])

@@ -34,15 +34,16 @@ _LAZY = {
     "list_models": "models",
     "default_model_name": "models",
     # stacks
-    "open_stack": "stacks",
-    "Stack": "stacks",
+    "open_stack": "io.stacks",
+    "Stack": "io.stacks",
     # engine
-    "EmbeddingCache": "embeddings",
-    "Embedding": "embeddings",
-    "Segmenter": "segment",
-    "Prediction": "segment",
-    "TiledSegmenter": "tiling",
-    "TiledStack": "tiling",
+    "Prompt": "engine.prompt",
+    "EmbeddingCache": "engine.cache",
+    "Embedding": "models.base",
+    "Segmenter": "engine.segment",
+    "Prediction": "engine.segment",
+    "TiledSegmenter": "workflows.tiling",
+    "TiledStack": "workflows.tiling",
     # labels
     "paint": "labels",
     "undo": "labels",
@@ -84,9 +85,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         NapariSamError,
         StackError,
     )
-    from .embeddings import Embedding, EmbeddingCache
+    from .engine.cache import EmbeddingCache
+    from .engine.prompt import Prompt
+    from .engine.segment import Prediction, Segmenter
+    from .io.stacks import Stack, open_stack
     from .labels import LabelHistory, PaintResult, UndoRecord, paint, redo, undo
     from .models import REGISTRY, Architecture, SamModel, default_model_name, list_models, load_model
-    from .segment import Prediction, Segmenter
-    from .stacks import Stack, open_stack
-    from .tiling import TiledSegmenter, TiledStack
+    from .models.base import Embedding
+    from .workflows.tiling import TiledSegmenter, TiledStack

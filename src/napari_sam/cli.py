@@ -1,5 +1,5 @@
 """The ``napari-sam`` command: batch embedding and segmentation of stacks (thin: parses
-arguments and calls :mod:`napari_sam.batch`).
+arguments and calls :mod:`napari_sam.workflows.batch`).
 
 ::
 
@@ -66,7 +66,7 @@ def _job_options(p: argparse.ArgumentParser, *, prompts: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .volume import DEFAULT_STRATEGY, STRATEGIES
+    from .workflows.volume import DEFAULT_STRATEGY, STRATEGIES
 
     parser = argparse.ArgumentParser(
         prog="napari-sam", description="Segment Anything on microscopy stacks, in batch.",
@@ -170,7 +170,7 @@ def _sample(args) -> tuple[str, list[str], Any]:
     from scipy import ndimage
 
     from ._errors import InvalidInputError
-    from ._prompts_io import write_points_csv
+    from .io.prompt_files import write_points_csv
     from .synthetic import make_nuclei_stack
 
     if args.prompts:
@@ -202,7 +202,7 @@ def _sample(args) -> tuple[str, list[str], Any]:
 def _report_sample(out: Path, truth_info, kind: str) -> None:
     import numpy as np
 
-    from .stacks import open_stack
+    from .io.stacks import open_stack
 
     truth, coords, ids = truth_info
     labels = np.asarray(open_stack(out).data)
@@ -219,7 +219,7 @@ def _report_sample(out: Path, truth_info, kind: str) -> None:
 
 
 def _run(args) -> int:
-    from . import batch
+    from .workflows import batch
 
     bar = _Bar(args.quiet, args.command)
     options: dict[str, Any] = {"model": args.model, "checkpoint": args.checkpoint,
@@ -297,7 +297,7 @@ def _close(client, cluster) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``napari-sam``; returns the exit status."""
     from ._errors import NapariSamError
-    from ._store import quiet_sibling_write_errors
+    from .io.zarr_logging import quiet_sibling_write_errors
 
     quiet_sibling_write_errors()  # a full disk is reported once, below
     args = build_parser().parse_args(argv)

@@ -51,7 +51,7 @@ def make_tiny_sam(
     """
     import torch
 
-    from .models import Architecture, build_sam
+    from .models.architecture import Architecture, build_sam
 
     arch = Architecture(
         encoder_embed_dim=embed_dim,

@@ -28,8 +28,6 @@ ids never depend on how the work was scheduled.
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +35,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ._errors import InvalidInputError
+from .._errors import InvalidInputError
+from .._hashing import json_digest
 
 __all__ = ["ObjectPrompt", "read_prompts", "write_points_csv", "prompts_digest"]
 
@@ -77,8 +76,7 @@ class ObjectPrompt:
 
 def prompts_digest(objects: Sequence[ObjectPrompt]) -> str:
     """A stable hash of the prompts (for job signatures)."""
-    blob = json.dumps([o.as_dict() for o in objects], sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return json_digest([o.as_dict() for o in objects])
 
 
 def _bool(value: str, where: str) -> int:

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ._errors import ChecksumError, DownloadError
+from .._errors import ChecksumError, DownloadError
 
 __all__ = ["file_digests", "verify_file", "download"]
 

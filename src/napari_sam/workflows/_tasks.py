@@ -2,14 +2,13 @@
 
 Each task is a plain module-level function ``fn(job, unit) -> encoder calls`` that opens
 the job's zarr arrays by path, writes its own chunks, and then its done flag. A process
-keeps one loaded model per (model, checkpoint, device) in :data:`_MODELS` and one
+keeps its loaded model (:func:`napari_sam.models.load_model_cached`) and one
 :class:`~napari_sam.Segmenter` (with its memory cache) per stack in :data:`_SEGMENTERS`,
 so a dask worker loads the model once however many tasks it runs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,17 +17,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ._errors import InvalidInputError
-from ._prompts_io import ObjectPrompt
+from .._errors import InvalidInputError
+from ..engine.prompt import Prompt
+from ..io.prompt_files import ObjectPrompt
+
+__all__ = ["Job", "ModelRef", "Progress", "as_prompt", "mark_done", "model_ref", "open_array", "run_units",
+           "slot", "task_auto", "task_embed", "task_propagate", "task_segment"]
 
 Progress = Callable[[int, int], None]
 
-_MODELS: dict[tuple, Any] = {}  # per process: (model, checkpoint, device) -> SamModel
+_IN_MEMORY: dict[tuple, Any] = {}  # models given as objects (no file to load them from)
 _SEGMENTERS: dict[str, Any] = {}  # per process: stack/model/cache key -> Segmenter
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------- models
@@ -45,26 +44,29 @@ class ModelRef:
         return (self.model, self.checkpoint, self.device)
 
     def load(self):
-        if self.key not in _MODELS:
-            from .models import load_model
+        hit = _IN_MEMORY.get(self.key)
+        if hit is not None:
+            return hit
+        from ..models.loading import load_model_cached
 
-            _MODELS[self.key] = load_model(self.model, checkpoint=self.checkpoint,
-                                           device=self.device, progress=False)
-        return _MODELS[self.key]
+        return load_model_cached(self.model, checkpoint=self.checkpoint, device=self.device,
+                                 progress=False)
 
 
-def _model_ref(model, checkpoint, device) -> ModelRef:
-    from .models import SamModel
+def model_ref(model, checkpoint, device) -> ModelRef:
+    """A :class:`ModelRef` for what a job was given (a loaded model, a name, a path)."""
+    from ..models.sam import SamModel
 
     if isinstance(model, SamModel):
-        ref = (ModelRef(checkpoint=str(model.checkpoint_path), device=str(model.device))
-               if model.checkpoint_path is not None else ModelRef(model="<in-memory>", device=str(model.device)))
-        _MODELS.setdefault(ref.key, model)
+        if model.checkpoint_path is not None:
+            return ModelRef(checkpoint=str(model.checkpoint_path), device=str(model.device))
+        ref = ModelRef(model="<in-memory>", device=str(model.device))
+        _IN_MEMORY[ref.key] = model
         return ref
     if model is not None and not isinstance(model, (str, os.PathLike)):
         raise InvalidInputError(f"model must be a name, a checkpoint path or a SamModel, got {type(model).__name__}")
     if model is None and checkpoint is None:
-        from .models import default_model_name
+        from ..models.loading import default_model_name
 
         model = default_model_name()  # resolved here, so workers need not share our env
     return ModelRef(None if model is None else str(model),
@@ -74,7 +76,7 @@ def _model_ref(model, checkpoint, device) -> ModelRef:
 
 # ---------------------------------------------------------------------- jobs
 @dataclass
-class _Job:
+class Job:
     kind: str
     key: str
     stack: Any
@@ -87,64 +89,62 @@ class _Job:
     seg_key: str = ""  # same stack, model and cache: same Segmenter (and memory cache)
 
 
-def _segmenter(job: _Job):
+def _segmenter(job: Job):
     seg = _SEGMENTERS.get(job.seg_key or job.key)
     if seg is None:
-        from .fast import reproducible, speed_config
-        from .segment import Segmenter
+        from ..engine.segment import Segmenter
+        from ..models.speed import reproducible
 
         model = job.model.load()
-        seg = Segmenter(model, job.stack, cache=job.cache, speed=reproducible(speed_config(model.device)))
+        seg = Segmenter(model, job.stack, cache=job.cache, speed=reproducible(model.speed_config()))
         _SEGMENTERS.clear()  # one stack's segmenter per process at a time
         _SEGMENTERS[job.seg_key or job.key] = seg
     return seg
 
 
-def _slot(stack, index: int) -> tuple:
+def slot(stack, index: int) -> tuple:
     """Where slice ``index`` goes in a (slice axes..., Y, X) label array."""
     return tuple(stack.position(index))
 
 
-def _open(path: str):
+def open_array(path: str):
     import zarr
 
     return zarr.open_array(path, mode="r+")
 
 
-def _mark(job: _Job, name: str, i: int) -> None:
-    _open(f"{job.work}/{name}")[i] = 1
+def mark_done(job: Job, name: str, i: int) -> None:
+    open_array(f"{job.work}/{name}")[i] = 1
+
+
+def as_prompt(o: ObjectPrompt) -> Prompt:
+    """An object read from a prompts file as the engine's prompt type."""
+    has_points = len(o.points) > 0
+    return Prompt.of(points=o.points if has_points else None,
+                     point_labels=o.point_labels if has_points else None, box=o.box)
 
 
 def _encoded(seg, before: int) -> int:
     return seg.cache.stats["encoder_calls"] - before
 
 
-def _prompt_dict(o: ObjectPrompt) -> dict:
-    p: dict[str, Any] = {}
-    if len(o.points):
-        p["points"], p["point_labels"] = np.asarray(o.points, float), np.asarray(o.point_labels)
-    if o.box is not None:
-        p["box"] = np.asarray(o.box, float)
-    return p
-
-
-def _task_segment(job: _Job, index: int) -> int:
-    from .volume import _predict
-
+def task_segment(job: Job, index: int) -> int:
+    """Segment the objects prompted on slice ``index`` (one batched call); write its labels."""
     seg = _segmenter(job)
     before = seg.cache.stats["encoder_calls"]
     ids = [k + 1 for k, o in enumerate(job.objects) if o.index == index]
     lab = np.zeros(seg.stack.slice_shape, np.uint32)
     if ids:
-        outs = _predict(seg, index, [_prompt_dict(job.objects[k - 1]) for k in ids], batch=True)
-        for k, (mask, _, _) in zip(ids, outs):
-            lab[mask & (lab == 0)] = k  # lower ids keep overlapping pixels
-    _open(job.labels)[_slot(seg.stack, index)] = lab
-    _mark(job, "done", index)
+        preds = seg.predict_many(index, [as_prompt(job.objects[k - 1]) for k in ids])
+        for k, p in zip(ids, preds):
+            lab[p.mask & (lab == 0)] = k  # lower ids keep overlapping pixels
+    open_array(job.labels)[slot(seg.stack, index)] = lab
+    mark_done(job, "done", index)
     return _encoded(seg, before)
 
 
-def _task_propagate(job: _Job, group: int) -> int:
+def task_propagate(job: Job, group: int) -> int:
+    """Propagate one fixed group of objects; write their masks and stop reasons."""
     from .volume import Seed, propagate_many
 
     seg = _segmenter(job)
@@ -152,10 +152,13 @@ def _task_propagate(job: _Job, group: int) -> int:
     size = job.params["group_size"]
     first = group * size
     objs = job.objects[first:first + size]
-    seeds = [Seed(o.index, **_prompt_dict(o)) for o in objs]
+    prompts = [as_prompt(o) for o in objs]
+    seeds = [Seed(o.index, points=p.points if p.n_points else None,
+                  point_labels=p.labels if p.n_points else None, box=p.box)
+             for o, p in zip(objs, prompts)]
     opts = {k: job.params[k] for k in ("strategy", "min_score", "min_iou", "max_slices")}
     results = propagate_many(seg, seeds, batch=True, **opts)
-    masks = _open(f"{job.work}/objects")
+    masks = open_array(f"{job.work}/objects")
     info = []
     for j, r in enumerate(results):
         for z in r.accepted:
@@ -167,26 +170,28 @@ def _task_propagate(job: _Job, group: int) -> int:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(info))
     os.replace(tmp, path)
-    _mark(job, "groups_done", group)
+    mark_done(job, "groups_done", group)
     return _encoded(seg, before)
 
 
-def _task_auto(job: _Job, index: int) -> int:
-    from .volume import auto_segment_slice
+def task_auto(job: Job, index: int) -> int:
+    """Segment everything on slice ``index`` (merged in 3D later)."""
+    from .auto import auto_segment_slice
 
     seg = _segmenter(job)
     before = seg.cache.stats["encoder_calls"]
     p = {k: v for k, v in job.params.items() if k != "merge_iou"}
-    _open(f"{job.work}/slices")[index] = auto_segment_slice(seg, index, **p)
-    _mark(job, "slices_done", index)
+    open_array(f"{job.work}/slices")[index] = auto_segment_slice(seg, index, **p)
+    mark_done(job, "slices_done", index)
     return _encoded(seg, before)
 
 
-def _task_embed(job: _Job, index: int) -> int:
+def task_embed(job: Job, index: int) -> int:
+    """Embed slice ``index`` into the job's store."""
     return _segmenter(job).cache.embed([index])
 
 
-def _run(job: _Job, fn, units: Sequence[int], *, client, progress: Progress | None,
+def run_units(job: Job, fn, units: Sequence[int], *, client, progress: Progress | None,
          offset: int = 0, total: int | None = None) -> int:
     """Run ``fn(job, unit)`` for every unit, locally or on ``client``; sum of results."""
     total = len(units) + offset if total is None else total

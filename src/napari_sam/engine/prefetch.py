@@ -13,7 +13,7 @@ one, so that the step itself finds the embedding in memory.
 
 Examples
 --------
->>> pre = Prefetcher(seg.cache)                      # doctest: +SKIP
+>>> pre = seg.prefetcher                            # doctest: +SKIP
 >>> pre.follow(12)          # user arrived at slice 12: embed 12, 13, 14 (and 11) in the background
 >>> seg.embedding(13)       # later: a memory hit once the prefetch finished
 """
@@ -28,7 +28,7 @@ import weakref
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .embeddings import EmbeddingCache
+    from .cache import EmbeddingCache
 
 __all__ = ["Prefetcher", "neighbours"]
 
@@ -136,7 +136,7 @@ class Prefetcher:
         """
         wanted: list[int] = []
         for i in indices:
-            i = self.cache._check_index(i)
+            i = self.cache.check_index(i)
             if i not in wanted and not self.cache.in_memory(i):
                 wanted.append(i)
         with self._cond:
@@ -155,7 +155,7 @@ class Prefetcher:
 
         The direction comes from the previous call's ``index``. Returns the queued indices.
         """
-        index = self.cache._check_index(index)
+        index = self.cache.check_index(index)
         if index != self._at:  # repeated calls on one slice keep the direction
             self._previous, self._at = self._at, index
         todo = [index] + neighbours(index, len(self.cache), previous=self._previous,

@@ -1,13 +1,14 @@
 """Speed paths for SAM's image encoder (and the switch for the fast mask decoder).
 
-:class:`SpeedConfig` also switches the mask decoder's fast path
-(:mod:`napari_sam._decoder`, ``fast_decoder``), which runs its image side in the same
+What runs is :mod:`napari_sam.models._vit` (encoder) and :mod:`napari_sam.models._decoder`
+(mask decoder); this module holds the configuration. :class:`SpeedConfig` also switches
+the mask decoder's fast path (``fast_decoder``), which runs its image side in the same
 precision as the encoder's ``autocast``.
 
 The reference path is ``sam.image_encoder(sam.preprocess(x))`` in float32, exactly as
 ``segment_anything.SamPredictor``. The fast path runs the *same* modules and weights
 through a functional re-implementation of ``ImageEncoderViT.forward``
-(:mod:`napari_sam._encoder`) that
+(:mod:`napari_sam.models._vit`) that
 
 * computes each block's attention with the decomposed relative-position bias as an
   additive mask: ``torch.nn.functional.scaled_dot_product_attention`` for global blocks
@@ -27,40 +28,27 @@ environment variable ``NAPARI_SAM_FAST=0`` gives the reference paths (encoder an
 Examples
 --------
 >>> cfg = speed_config("cpu")                                   # doctest: +SKIP
->>> encode = prepare_encoder(model.sam, cfg)                     # doctest: +SKIP
->>> features = encode(model.sam.preprocess(x))                   # (B, 256, 64, 64) float32
+>>> [emb] = model.encode([stack.rgb(0)], speed=cfg)              # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import os
-import threading
-import weakref
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from ._encoder import _block, _is_stock_vit, _neck
-from ._errors import InvalidInputError
+from .._errors import InvalidInputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-    from segment_anything.modeling import Sam
-
-    from .embeddings import Embedding
-    from .models import SamModel
 
 __all__ = [
     "ENV_FAST",
     "OFF",
     "SpeedConfig",
     "cpu_has_fast_bf16",
+    "amp_dtype",
     "decoder_dtype",
-    "encode_batch",
-    "encoder_for",
-    "prepare_encoder",
-    "preprocess",
     "reproducible",
     "resolve_autocast",
     "speed_config",
@@ -182,10 +170,10 @@ def decoder_dtype(device: "str | torch.device", config: SpeedConfig) -> "torch.d
 
     if config.decoder_precision == "fp32":
         return torch.float32
-    return _amp_dtype(device, config.autocast) or torch.float32
+    return amp_dtype(device, config.autocast) or torch.float32
 
 
-def _amp_dtype(device: "str | torch.device", autocast: str | None) -> "torch.dtype | None":
+def amp_dtype(device: "str | torch.device", autocast: str | None) -> "torch.dtype | None":
     """The torch dtype ``autocast`` means on ``device`` (None: float32, no autocast)."""
     import torch
 
@@ -230,145 +218,6 @@ def speed_config(device: "str | torch.device", *, mode: str = "auto") -> SpeedCo
         compile=mode == "compile",
         batch_size=batch,
     )
-
-
-def prepare_encoder(sam: "Sam", config: SpeedConfig) -> Callable[["torch.Tensor"], "torch.Tensor"]:
-    """A function ``x -> features`` running ``sam.image_encoder`` with ``config``.
-
-    Parameters
-    ----------
-    sam : segment_anything.modeling.Sam
-        The model; neither it nor its modules are changed, and no weights are copied
-        (parameters are read at call time, so moving ``sam`` to another device is fine).
-    config : SpeedConfig
-        Which speed paths to use; ``autocast="auto"`` is resolved for the device of the
-        input at each call.
-
-    Returns
-    -------
-    callable
-        ``encode(x)`` with ``x`` the preprocessed batch (B, 3, S, S) float32
-        (``sam.preprocess`` output, S = 1024 for the official models), returning the
-        image embeddings (B, C, S/16, S/16) float32 (C = 256), under ``inference_mode``.
-    """
-    import torch
-
-    encoder = sam.image_encoder
-    if config.is_reference:
-        def reference(x: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode():
-                return encoder(x)
-
-        return reference
-
-    stock = _is_stock_vit(encoder)
-    fused = config.fused_attention and stock
-
-    def body(x: torch.Tensor) -> torch.Tensor:
-        if not stock:  # unknown backbone: the module itself (autocast still applies)
-            return encoder(x).float()
-        x = encoder.patch_embed(x)
-        if encoder.pos_embed is not None:
-            x = x + encoder.pos_embed
-        x = x.float()  # the residual stream stays float32 under autocast
-        for blk in encoder.blocks:
-            x = _block(blk, x, fused)
-        return _neck(encoder.neck, x.permute(0, 3, 1, 2)).float()
-
-    run = torch.compile(body, dynamic=False) if config.compile else body
-
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        amp_dtype = _amp_dtype(x.device, config.autocast)
-        with torch.inference_mode(), torch.autocast(
-            x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
-        ):
-            return run(x).float()
-
-    encode.config = config  # type: ignore[attr-defined]
-    encode.fused = fused  # type: ignore[attr-defined]
-    return encode
-
-
-_ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_ENCODERS_LOCK = threading.Lock()
-
-
-def encoder_for(model: "SamModel", config: SpeedConfig | None = None) -> Callable[["torch.Tensor"], "torch.Tensor"]:
-    """:func:`prepare_encoder` for ``model``, cached per (Sam, config).
-
-    ``config`` None: ``speed_config(model.device)`` (``$NAPARI_SAM_FAST`` is read each
-    call, so setting it to 0 switches the fast path off for later slices).
-    """
-    cfg = speed_config(model.device) if config is None else config
-    with _ENCODERS_LOCK:
-        per_model = _ENCODERS.setdefault(model.sam, {})
-        fn = per_model.get(cfg)
-        if fn is None:
-            fn = per_model[cfg] = prepare_encoder(model.sam, cfg)
-        return fn
-
-
-# ------------------------------------------------------------------ batched encoding
-def preprocess(sam: "Sam", rgb: np.ndarray, device) -> tuple["torch.Tensor", tuple[int, int]]:
-    """One (Y, X, 3) uint8 image -> ((1, 3, S, S) float32, input size), as ``SamPredictor``.
-
-    ``ResizeLongestSide.apply_image`` (PIL resize of the uint8 image), then
-    ``sam.preprocess`` (normalise with the pixel mean and std, pad to S x S).
-    """
-    import torch
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    if not (isinstance(rgb, np.ndarray) and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8):
-        raise InvalidInputError(
-            "each slice must be a (Y, X, 3) uint8 array (Stack.rgb(i)), got "
-            f"{type(rgb).__name__} of shape {getattr(rgb, 'shape', None)} and dtype {getattr(rgb, 'dtype', None)}"
-        )
-    transform = ResizeLongestSide(sam.image_encoder.img_size)
-    resized = transform.apply_image(rgb)
-    x = torch.as_tensor(resized, device=device).permute(2, 0, 1).contiguous()[None]
-    size = (int(x.shape[-2]), int(x.shape[-1]))
-    with torch.inference_mode():
-        return sam.preprocess(x), size
-
-
-def encode_batch(
-    model: "SamModel",
-    rgbs: Sequence[np.ndarray],
-    *,
-    config: SpeedConfig | None = None,
-) -> list["Embedding"]:
-    """Embeddings of several slices, ``config.batch_size`` slices per encoder call.
-
-    Parameters
-    ----------
-    model : SamModel
-        The loaded model.
-    rgbs : sequence of numpy.ndarray of uint8, each (Y, X, 3)
-        Normalised slices (:meth:`napari_sam.Stack.rgb`); sizes may differ.
-    config : SpeedConfig, optional
-        Default ``speed_config(model.device)`` (batch 4 on CUDA, 1 on CPU).
-
-    Returns
-    -------
-    list of Embedding
-        One per slice, in order; each ``features`` is its own (1, C, h, w) float32 tensor
-        on the model's device (not a view of the batch).
-    """
-    import torch
-
-    from .embeddings import Embedding
-
-    cfg = speed_config(model.device) if config is None else config
-    encode = encoder_for(model, cfg)
-    out: list[Embedding] = []
-    for start in range(0, len(rgbs), cfg.batch_size):
-        chunk = rgbs[start : start + cfg.batch_size]
-        xs, sizes = zip(*(preprocess(model.sam, rgb, model.device) for rgb in chunk))
-        with torch.inference_mode():
-            feats = encode(torch.cat(xs))
-        for i, (rgb, size) in enumerate(zip(chunk, sizes)):
-            out.append(Embedding(feats[i : i + 1].clone(), size, (int(rgb.shape[0]), int(rgb.shape[1]))))
-    return out
 
 
 def with_batch_size(config: SpeedConfig, batch_size: int) -> SpeedConfig:

@@ -18,41 +18,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._errors import InvalidInputError
+from .._errors import InvalidInputError
+from ..engine.prompt import Prompt
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .segment import Segmenter
+    from ..engine.segment import Segmenter
 
-__all__ = ["auto_segment_slice", "merge_slices", "SliceLinker", "decode_raw"]
-
-
-def decode_raw(seg: "Segmenter", emb, prompts: list[dict], *, multimask: bool):
-    """One decoder call for B prompt sets on one embedding.
-
-    ``prompts``: dicts with ``points`` (y, x) / ``point_labels``, ``box`` (y0, x0, y1, x1),
-    ``mask_input`` (256, 256), every dict with the same kinds. Points are padded with
-    SAM's ignored label -1. Returns low-res logits (B, K, 256, 256) and IoU (B, K), numpy.
-    (Pads the prompt sets and calls :func:`napari_sam.segment.decode`.)
-    """
-    from .segment import decode
-
-    points = labels = boxes = masks = None
-    if prompts[0].get("points") is not None:
-        n = max(len(p["points"]) for p in prompts)
-        points = np.zeros((len(prompts), n, 2))
-        labels = -np.ones((len(prompts), n), np.int64)
-        for b, p in enumerate(prompts):
-            k = len(p["points"])
-            points[b, :k] = np.asarray(p["points"], float).reshape(-1, 2)
-            labels[b, :k] = p["point_labels"]
-    if prompts[0].get("box") is not None:
-        boxes = np.stack([p["box"] for p in prompts])
-    if prompts[0].get("mask_input") is not None:
-        masks = np.stack([np.asarray(p["mask_input"], np.float32) for p in prompts])
-        masks = masks.reshape(len(prompts), 1, *masks.shape[-2:])  # (B, 1, h, w)
-    low, iou = decode(seg.model, emb, points=points, point_labels=labels, boxes=boxes,
-                      mask_input=masks, multimask=multimask, speed=seg.cache.speed)
-    return low.numpy(), iou.numpy()
+__all__ = ["SliceLinker", "auto_segment_slice", "merge_slices"]
 
 
 def auto_segment_slice(
@@ -86,25 +58,31 @@ def auto_segment_slice(
     if points_per_side < 1 or points_per_batch < 1:
         raise InvalidInputError("points_per_side and points_per_batch must be >= 1, got "
                                 f"{points_per_side} and {points_per_batch}")
+    if getattr(seg, "tiles", None) is not None:  # a TiledSegmenter: tile by tile
+        return _auto_tiled(seg, index, points_per_side=points_per_side,
+                           points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
+                           stability_score_thresh=stability_score_thresh,
+                           stability_score_offset=stability_score_offset,
+                           box_nms_thresh=box_nms_thresh, min_area=min_area,
+                           max_area_fraction=max_area_fraction)
     h, w = seg.stack.slice_shape
     emb = seg.embedding(index)
-    sam = seg.model.sam
+    model = seg.model
     grid = build_point_grid(points_per_side)  # (n, 2) as (x, y) in [0, 1]
     points = grid[:, ::-1] * np.array([h, w])  # (y, x) pixels
     crops, boxes, scores, areas = [], [], [], []
     for start in range(0, len(points), points_per_batch):
         chunk = points[start:start + points_per_batch]
-        prompts = [{"points": p[None], "point_labels": np.ones(1, np.int64)} for p in chunk]
-        low, iou = decode_raw(seg, emb, prompts, multimask=True)
-        low, iou = low.reshape(-1, *low.shape[2:]), iou.reshape(-1)
+        preds = seg.predict_many(index, [Prompt.of(points=p[None]) for p in chunk], multimask=True)
+        low = np.concatenate([p.logits for p in preds])
+        iou = np.concatenate([p.scores for p in preds])
         keep = np.flatnonzero(iou > pred_iou_thresh)
         for s in range(0, len(keep), 16):
             sel = keep[s:s + 16]
             with torch.inference_mode():
-                full = sam.postprocess_masks(torch.as_tensor(low[sel])[:, None], emb.input_size,
-                                             emb.original_size)[:, 0]
-                stab = calculate_stability_score(full, sam.mask_threshold, stability_score_offset)
-                masks = full > sam.mask_threshold
+                full = model.upsample_logits(emb, low[sel])
+                stab = calculate_stability_score(full, model.mask_threshold, stability_score_offset)
+                masks = full > model.mask_threshold
                 bxs = batched_mask_to_box(masks)  # (x0, y0, x1, y1), inclusive
             for j in np.flatnonzero(stab.numpy() >= stability_score_thresh):
                 m = masks[j].numpy()
@@ -131,6 +109,41 @@ def auto_segment_slice(
             region[free] = next_id
             next_id += 1
     return labels
+
+
+def _auto_tiled(seg, index: int, *, min_area: int, max_area_fraction: float, **kw) -> np.ndarray:
+    """Segment everything tile by tile on a large slice; stitch without duplicates.
+
+    An object that touches a tile's edge inside the slice is cut there and skipped: the
+    neighbouring tile, which overlaps by ``seg.tiles.overlap`` px, sees it whole (objects
+    up to the overlap across). An object mostly (over half) on pixels already labelled by
+    an earlier tile is a duplicate and skipped.
+    """
+    from scipy import ndimage
+
+    tiles = seg.tiles
+    h, w = seg.stack.slice_shape
+    out = np.zeros((h, w), np.uint32)
+    next_id = 1
+    for t in tiles.tiles:
+        local = auto_segment_slice(seg.inner, tiles.view_index(index, t.index), min_area=min_area,
+                                   max_area_fraction=max_area_fraction, **kw)
+        inner = (t.y0 > 0, t.x0 > 0, t.y1 < h, t.x1 < w)  # edges inside the slice
+        for k, sl in enumerate(ndimage.find_objects(local), start=1):
+            if sl is None:
+                continue
+            ys, xs = sl
+            if ((inner[0] and ys.start == 0) or (inner[1] and xs.start == 0)
+                    or (inner[2] and ys.stop == t.y1 - t.y0) or (inner[3] and xs.stop == t.x1 - t.x0)):
+                continue
+            m = local[sl] == k
+            region = out[t.y0 + ys.start:t.y0 + ys.stop, t.x0 + xs.start:t.x0 + xs.stop]
+            free = m & (region == 0)
+            if free.sum() < max(min_area, 1) or free.sum() < 0.5 * m.sum():
+                continue
+            region[free] = next_id
+            next_id += 1
+    return out
 
 
 class SliceLinker:

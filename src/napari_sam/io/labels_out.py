@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ._errors import InvalidInputError, NapariSamError
+from .._errors import InvalidInputError, NapariSamError
 
 __all__ = ["OutputExistsError", "Output", "output_format"]
 
@@ -181,7 +181,7 @@ class Output:
     def _create(self) -> None:
         import zarr
 
-        from ._store import quiet_sibling_write_errors
+        from .zarr_logging import quiet_sibling_write_errors
 
         quiet_sibling_write_errors()
         work = zarr.open_group(self.work, mode="a", zarr_format=3)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._errors import CheckpointError
+from .._errors import CheckpointError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

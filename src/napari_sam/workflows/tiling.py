@@ -36,13 +36,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ._errors import InvalidInputError
+from .._errors import InvalidInputError
+from .._hashing import array_digest
+from ..engine.prompt import Prompt
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .embeddings import EmbeddingCache
-    from .models import SamModel
-    from .segment import Prediction
-    from .stacks import Stack
+    from ..engine.cache import EmbeddingCache
+    from ..engine.segment import Prediction
+    from ..io.stacks import Stack
 
 __all__ = ["Tile", "TiledStack", "TiledSegmenter", "tile_starts"]
 
@@ -138,7 +139,7 @@ class TiledStack:
 
     def view_index(self, slice_index: int, tile: int) -> int:
         """View index of tile ``tile`` of parent slice ``slice_index``."""
-        s = self.parent._check_index(slice_index)
+        s = self.parent.index(self.parent.position(slice_index))
         if not 0 <= tile < self.n_tiles:
             raise IndexError(f"tile {tile} out of range: slices have {self.n_tiles} tiles")
         return s * self.n_tiles + int(tile)
@@ -182,11 +183,7 @@ class TiledStack:
     def slice_fingerprint(self, index: int) -> str:
         """blake2b of the tile's raw bytes, shape, dtype and place in the slice."""
         s, t = self.locate(index)
-        a = self[index]
-        h = hashlib.blake2b(digest_size=16)
-        h.update(f"{a.shape}|{a.dtype.str}|{t.y0},{t.x0}|".encode())
-        h.update(memoryview(a).cast("B"))
-        return h.hexdigest()
+        return array_digest(self[index], prefix=f"{t.y0},{t.x0}|")
 
     def fingerprint(self) -> str:
         """The parent's fingerprint combined with the tile geometry."""
@@ -224,19 +221,6 @@ class TiledStack:
                                           t.index))
 
 
-def _extent(points, box) -> tuple[float, float, float, float]:
-    """Continuous extent of prompts that passed the Segmenter's checks."""
-    ys, xs = [], []
-    if points is not None:
-        # a pixel centre (y, x) covers [y - 0.5, y + 0.5]: the tile needs the whole pixel
-        ys += [points[:, 0].min() - 0.5, points[:, 0].max() + 0.5]
-        xs += [points[:, 1].min() - 0.5, points[:, 1].max() + 0.5]
-    if box is not None:
-        ys += [box[0], box[2]]
-        xs += [box[1], box[3]]
-    return min(ys), min(xs), max(ys), max(xs)
-
-
 class TiledSegmenter:
     """A :class:`~napari_sam.Segmenter` for large slices: prompts are segmented on one tile.
 
@@ -248,7 +232,7 @@ class TiledSegmenter:
         Tile geometry, see :class:`TiledStack`.
     cache : None, str or Path
         Embedding store (tile embeddings are stored like slices, in their own group).
-    memory_bytes, store_dtype
+    memory_bytes, store_dtype, speed
         As :class:`~napari_sam.Segmenter`.
 
     Notes
@@ -262,19 +246,20 @@ class TiledSegmenter:
 
     def __init__(self, model: Any, stack: Any, *, tile: int = 1024, overlap: int = 256,
                  cache: str | Path | None = None, memory_bytes: int | None = None,
-                 store_dtype: str = "float16") -> None:
-        from .embeddings import DEFAULT_MEMORY_BYTES, EmbeddingCache
-        from .models import SamModel, load_model
-        from .segment import Segmenter
-        from .stacks import Stack, open_stack
+                 store_dtype: str = "float16", speed: Any = "auto") -> None:
+        from ..engine.cache import DEFAULT_MEMORY_BYTES, EmbeddingCache
+        from ..engine.segment import Segmenter
+        from ..io.stacks import Stack, open_stack
+        from ..models.base import PromptableModel
+        from ..models.loading import load_model
 
-        self.model: SamModel = model if isinstance(model, SamModel) else load_model(model)
+        self.model = model if isinstance(model, PromptableModel) else load_model(model)
         self.stack: Stack = stack if isinstance(stack, Stack) else open_stack(stack)
         self.tiles = TiledStack(self.stack, tile=tile, overlap=overlap)
         self.cache: EmbeddingCache = EmbeddingCache(
-            self.model, self.tiles, store=cache, store_dtype=store_dtype,
+            self.model, self.tiles, store=cache, store_dtype=store_dtype, speed=speed,
             memory_bytes=DEFAULT_MEMORY_BYTES if memory_bytes is None else memory_bytes)
-        self._inner = Segmenter(self.model, None, cache=self.cache)
+        self.inner = Segmenter.from_cache(self.cache)
 
     def __repr__(self) -> str:
         return f"TiledSegmenter(model={self.model.name!r}, tiles={self.tiles!r})"
@@ -288,38 +273,65 @@ class TiledSegmenter:
         views = [self.tiles.view_index(s, k) for s in slices for k in range(self.tiles.n_tiles)]
         return self.cache.embed(views, progress=progress, should_stop=should_stop)
 
-    # ---------------------------------------------------------------- prompts
-    def tile_for(self, index: int, *, points=None, point_labels=None, box=None) -> Tile:
-        """The tile that prompts on slice ``index`` are segmented on (see TiledStack.tile_for)."""
-        from .segment import _check_box, _check_points
+    def is_embedded(self, index: int, prompts: Sequence[Prompt] | None = None) -> bool:
+        """True when the tiles these prompts map to are in memory (all tiles without prompts)."""
+        if prompts:
+            tiles = {self.tile_for(index, p).index for p in prompts if not p.empty}
+        else:
+            tiles = set(range(self.tiles.n_tiles))
+        return all(self.cache.in_memory(self.tiles.view_index(index, k)) for k in tiles)
 
-        self.stack._check_index(index)
-        shape = self.stack.slice_shape
-        pts, _ = _check_points(points, point_labels, shape)
-        b = _check_box(box, shape)
-        if pts is None and b is None:
+    def prefetch(self, indices: Iterable[int] | None = None, *, around: int | None = None) -> list[int]:
+        """Nothing is prefetched on tiled slices (a slice has many tiles); returns []."""
+        return []
+
+    def cancel_prefetch(self) -> None:
+        """Stop the inner segmenter's background work, if any."""
+        self.inner.cancel_prefetch()
+
+    # ---------------------------------------------------------------- prompts
+    def tile_for(self, index: int, prompt: Prompt | None = None, **prompts: Any) -> Tile:
+        """The tile that a prompt on slice ``index`` is segmented on (see TiledStack.tile_for).
+
+        Give a :class:`Prompt`, or ``points=``, ``point_labels=``, ``box=`` as
+        :meth:`Segmenter.predict`.
+        """
+        self.stack.index(self.stack.position(index))  # range check
+        if prompt is None:
+            prompt = Prompt.of(**prompts)
+        if prompt.n_points == 0 and prompt.box is None:
             raise InvalidInputError(
                 "no prompt given: pass points=[[y, x], ...] with point_labels, or a box "
-                "[y0, x0, y1, x1] (a tiled segmenter needs a point or box to choose a tile)"
-            )
-        return self.tiles.tile_for(*_extent(pts, b))
+                "[y0, x0, y1, x1] (a tiled segmenter needs a point or box to choose a tile)")
+        prompt = prompt.check(self.stack.slice_shape)
+        return self.tiles.tile_for(*prompt.extent())
+
+    def predict_many(self, index: int, prompts: Sequence[Prompt], *,
+                     multimask: bool | None = None) -> "list[Prediction]":
+        """As :meth:`Segmenter.predict_many`; masks are full-slice (Y, X), logits the tile's.
+        One batched call per tile used."""
+        from ..engine.segment import Prediction
+
+        by_tile: dict[int, list[int]] = {}
+        for n, p in enumerate(prompts):
+            by_tile.setdefault(self.tile_for(index, p).index, []).append(n)
+        out: list[Any] = [None] * len(prompts)
+        for k, members in by_tile.items():
+            t = self.tiles.tiles[k]
+            local = [prompts[n].shifted(t.y0, t.x0) for n in members]
+            preds = self.inner.predict_many(self.tiles.view_index(index, k), local,
+                                            multimask=multimask)
+            for n, p in zip(members, preds):
+                out[n] = Prediction(scores=p.scores, logits=p.logits, best=p.best,
+                                    _upsample=lambda lg, p=p, t=t: self._paste(p._upsample(lg), t),
+                                    prompt=prompts[n])
+        return out
 
     def predict(self, index: int, *, points=None, point_labels=None, box=None,
                 mask_input: np.ndarray | None = None, multimask: bool = True) -> "Prediction":
         """As :meth:`Segmenter.predict`; masks are full-slice (Y, X), logits the tile's."""
-        from .segment import Prediction
-
-        t = self.tile_for(index, points=points, point_labels=point_labels, box=box)
-        off = np.array([t.y0, t.x0], dtype=np.float64)
-        kw: dict[str, Any] = {"mask_input": mask_input, "multimask": multimask}
-        if points is not None and np.asarray(points).size:
-            kw["points"] = np.asarray(points, dtype=np.float64).reshape(-1, 2) - off
-            kw["point_labels"] = point_labels
-        if box is not None:
-            kw["box"] = np.asarray(box, dtype=np.float64) - np.tile(off, 2)
-        p = self._inner.predict(self.tiles.view_index(index, t.index), **kw)
-        return Prediction(scores=p.scores, logits=p.logits, best=p.best,
-                          _upsample=lambda lg: self._paste(p._upsample(lg), t))
+        prompt = Prompt.of(points=points, point_labels=point_labels, box=box, mask_input=mask_input)
+        return self.predict_many(index, [prompt], multimask=multimask)[0]
 
     def segment(self, index: int, **prompts: Any) -> np.ndarray:
         """The best mask for the prompts, (Y, X) bool of the full slice."""
@@ -330,18 +342,23 @@ class TiledSegmenter:
         boxes = np.asarray(boxes, dtype=np.float64)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise InvalidInputError(
-                f"boxes must have shape (N, 4) as (y0, x0, y1, x1), got shape {boxes.shape}"
-            )
-        out = np.zeros((len(boxes), *self.stack.slice_shape), dtype=bool)
-        by_tile: dict[int, list[int]] = {}
-        for n, b in enumerate(boxes):
-            by_tile.setdefault(self.tile_for(index, box=b).index, []).append(n)
-        for k, members in by_tile.items():
-            t = self.tiles.tiles[k]
-            local = boxes[members] - np.array([t.y0, t.x0, t.y0, t.x0], dtype=np.float64)
-            masks = self._inner.segment_boxes(self.tiles.view_index(index, k), local)
-            out[(members, *t.region)] = masks
-        return out
+                f"boxes must have shape (N, 4) as (y0, x0, y1, x1), got shape {boxes.shape}")
+        if len(boxes) == 0:
+            return np.zeros((0, *self.stack.slice_shape), dtype=bool)
+        preds = self.predict_many(index, [Prompt.of(box=b) for b in boxes], multimask=False)
+        return np.stack([p.mask for p in preds])
+
+    def prompt_from_mask(self, index: int, mask: np.ndarray) -> Prompt:
+        """A full-slice (Y, X) mask as a prompt (its box, and its mask as logits in the frame
+        of the tile its box maps to)."""
+        mask = np.asarray(mask, bool)
+        ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if not len(ys):
+            raise InvalidInputError("the mask is empty: nothing to prompt with")
+        box = [ys[0], xs[0], ys[-1] + 1, xs[-1] + 1]
+        t = self.tile_for(index, Prompt.of(box=box))
+        local = self.inner.prompt_from_mask(self.tiles.view_index(index, t.index), mask[t.region])
+        return Prompt.of(box=box, mask_input=local.mask_input)
 
     def _paste(self, tile_masks: np.ndarray, t: Tile) -> np.ndarray:
         full = np.zeros((len(tile_masks), *self.stack.slice_shape), dtype=bool)

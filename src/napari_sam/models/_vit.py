@@ -1,7 +1,7 @@
 """The fused image encoder: ``ImageEncoderViT.forward`` re-written as functions.
 
 The same modules and weights as ``sam.image_encoder``, nothing patched or copied
-(:func:`napari_sam.fast.prepare_encoder` chooses when to use them):
+(:func:`prepare_encoder` chooses when to use them, per :class:`~.speed.SpeedConfig`):
 
 * attention carries SAM's decomposed relative-position bias as an additive mask: global
   blocks (4096 tokens for the official models) through ``scaled_dot_product_attention``'s
@@ -14,10 +14,16 @@ The same modules and weights as ``sam.image_encoder``, nothing patched or copied
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, Callable
+
+from .speed import SpeedConfig, amp_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+    from segment_anything.modeling import Sam
+
+__all__ = ["encoder_for", "prepare_encoder"]
 
 
 def _rel_pos_bias(q: "torch.Tensor", rel_pos_h, rel_pos_w, hw: tuple[int, int]) -> "torch.Tensor":
@@ -145,3 +151,74 @@ def _is_stock_vit(encoder) -> bool:
             if "forward" in vars(mod) or mod._forward_hooks or mod._forward_pre_hooks:
                 return False
     return True
+
+
+def prepare_encoder(sam: "Sam", config: SpeedConfig) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+    """A function ``x -> features`` running ``sam.image_encoder`` with ``config``.
+
+    Parameters
+    ----------
+    sam : segment_anything.modeling.Sam
+        The model; neither it nor its modules are changed, and no weights are copied
+        (parameters are read at call time, so moving ``sam`` to another device is fine).
+    config : SpeedConfig
+        Which speed paths to use; ``autocast="auto"`` is resolved for the device of the
+        input at each call.
+
+    Returns
+    -------
+    callable
+        ``encode(x)`` with ``x`` the preprocessed batch (B, 3, S, S) float32
+        (``sam.preprocess`` output, S = 1024 for the official models), returning the
+        image embeddings (B, C, S/16, S/16) float32 (C = 256), under ``inference_mode``.
+    """
+    import torch
+
+    encoder = sam.image_encoder
+    if config.is_reference:
+        def reference(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return encoder(x)
+
+        return reference
+
+    stock = _is_stock_vit(encoder)
+    fused = config.fused_attention and stock
+
+    def body(x: torch.Tensor) -> torch.Tensor:
+        if not stock:  # unknown backbone: the module itself (autocast still applies)
+            return encoder(x).float()
+        x = encoder.patch_embed(x)
+        if encoder.pos_embed is not None:
+            x = x + encoder.pos_embed
+        x = x.float()  # the residual stream stays float32 under autocast
+        for blk in encoder.blocks:
+            x = _block(blk, x, fused)
+        return _neck(encoder.neck, x.permute(0, 3, 1, 2)).float()
+
+    run = torch.compile(body, dynamic=False) if config.compile else body
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        dtype = amp_dtype(x.device, config.autocast)
+        with torch.inference_mode(), torch.autocast(
+            x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
+        ):
+            return run(x).float()
+
+    encode.config = config  # type: ignore[attr-defined]
+    encode.fused = fused  # type: ignore[attr-defined]
+    return encode
+
+
+_ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ENCODERS_LOCK = threading.Lock()
+
+
+def encoder_for(sam: "Sam", config: SpeedConfig) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+    """:func:`prepare_encoder` for ``sam``, cached per (Sam, config)."""
+    with _ENCODERS_LOCK:
+        per_model = _ENCODERS.setdefault(sam, {})
+        fn = per_model.get(config)
+        if fn is None:
+            fn = per_model[config] = prepare_encoder(sam, config)
+        return fn

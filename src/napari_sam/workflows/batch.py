@@ -9,17 +9,16 @@ Jobs
 :func:`run_folder`         one of the above for every image of a folder.
 
 Outputs (``out``) are OME-Zarr labels or a TIFF, chosen by the extension; see
-:mod:`napari_sam._batch_io` for the layout, resumption and the overwrite rule. Object ids
+:mod:`napari_sam.io.labels_out` for the layout, resumption and the overwrite rule. Object ids
 are the prompts' order (object k of the prompt list gets id k + 1); where masks overlap,
 the lower id keeps the pixel. The work is cut into units that do not depend on where they
 run (a slice; a fixed group of objects for propagation), each writing its own chunks, so a
 run on a dask cluster (``client=``) gives exactly the result of a local run. A worker
-loads the model once and keeps it (see :mod:`napari_sam._batch_tasks`).
+loads the model once and keeps it (see :mod:`napari_sam.workflows._tasks`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -29,11 +28,12 @@ from typing import Callable
 
 import numpy as np
 
-from ._batch_io import Output, OutputExistsError, output_format
-from ._batch_tasks import (_digest, _Job, _model_ref, _open, _run, _slot, _task_auto,
-                           _task_embed, _task_propagate, _task_segment, _mark)
-from ._errors import InvalidInputError
-from ._prompts_io import ObjectPrompt, prompts_digest, read_prompts
+from .._errors import InvalidInputError
+from .._hashing import json_digest
+from ..io.labels_out import Output, OutputExistsError, output_format
+from ..io.prompt_files import ObjectPrompt, prompts_digest, read_prompts
+from ._tasks import (Job, mark_done, model_ref, open_array, run_units, slot, task_auto,
+                     task_embed, task_propagate, task_segment)
 
 __all__ = ["embed_stack", "segment_prompts", "propagate_prompts", "auto_segment", "run_folder",
            "JobResult", "OutputExistsError", "IMAGE_SUFFIXES"]
@@ -68,10 +68,10 @@ class JobResult:
 
 # ---------------------------------------------------------------------- setup
 def _open_inputs(stack, model, checkpoint, device):
-    from .stacks import Stack, open_stack
+    from ..io.stacks import Stack, open_stack
 
     stack = stack if isinstance(stack, Stack) else open_stack(stack)
-    ref = _model_ref(model, checkpoint, device)
+    ref = model_ref(model, checkpoint, device)
     sam_model = ref.load()
     stack.contrast_limits  # computed once here, shipped to workers with the stack
     return stack, ref, sam_model
@@ -93,11 +93,11 @@ def _output(out, sig, stack, overwrite) -> Output:
     return Output(out, sig, shape=shape, axes=axes, scale=scale, units=units, overwrite=overwrite)
 
 
-def _job(kind, sig, stack, ref, cache, output: Output, objects, params) -> _Job:
-    key = hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _job(kind, sig, stack, ref, cache, output: Output, objects, params) -> Job:
+    key = json_digest(sig)
     cache = None if cache is None else str(cache)
-    seg_key = _digest([sig["stack"], sig["model"], ref.key, cache])
-    return _Job(kind, key, stack, ref, cache, str(output.labels_path), str(output.work),
+    seg_key = json_digest([sig["stack"], sig["model"], ref.key, cache])
+    return Job(kind, key, stack, ref, cache, str(output.labels_path), str(output.work),
                 list(objects), params, seg_key)
 
 
@@ -128,12 +128,12 @@ def embed_stack(stack, cache, *, model=None, checkpoint=None, device=None,
     client : dask.distributed.Client, optional
         Run one task per slice on the cluster; the store takes concurrent writers.
     """
-    from .fast import reproducible, speed_config
-    from .segment import Segmenter
+    from ..engine.segment import Segmenter
+    from ..models.speed import reproducible
 
     t0 = time.perf_counter()
     stack, ref, sam_model = _open_inputs(stack, model, checkpoint, device)
-    seg = Segmenter(sam_model, stack, cache=cache, speed=reproducible(speed_config(sam_model.device)))
+    seg = Segmenter(sam_model, stack, cache=cache, speed=reproducible(sam_model.speed_config()))
     todo = [i for i in range(len(stack)) if not seg.cache.is_cached(i)]
     resumed = len(stack) - len(todo)
     if client is None:
@@ -141,8 +141,8 @@ def embed_stack(stack, cache, *, model=None, checkpoint=None, device=None,
                             (lambda d, t: progress(resumed + d, len(stack))))
     else:
         sig = {"kind": "embed", "cache": str(cache), "model": sam_model.signature()}
-        job = _Job("embed", _digest(sig), stack, ref, str(cache), "", "", [], {})
-        encoded = _run(job, _task_embed, todo, client=client, progress=progress,
+        job = Job("embed", json_digest(sig), stack, ref, str(cache), "", "", [], {})
+        encoded = run_units(job, task_embed, todo, client=client, progress=progress,
                        offset=resumed, total=len(stack))
     return JobResult(Path(cache), "embed", len(stack), resumed=resumed, computed=len(todo),
                      encoder_calls=encoded, seconds=time.perf_counter() - t0)
@@ -183,7 +183,7 @@ def segment_prompts(stack, prompts, out, *, model=None, checkpoint=None, device=
         todo = [i for i in slices if not done[i]]
         result.resumed = len(slices) - len(todo)
         result.computed = len(todo)
-        result.encoder_calls = _run(job, _task_segment, todo, client=client, progress=progress,
+        result.encoder_calls = run_units(job, task_segment, todo, client=client, progress=progress,
                                     offset=result.resumed, total=len(slices))
         output.finish()
     result.seconds = time.perf_counter() - t0
@@ -223,7 +223,7 @@ def propagate_prompts(stack, prompts, out, *, strategy: str | None = None, min_s
         gdone = np.asarray(Output.require(work, "groups_done", (n_groups,), (1,), "uint8")[:]).astype(bool)
         todo = [g for g in range(n_groups) if not gdone[g]]
         result.resumed, result.computed = n_groups - len(todo), len(todo)
-        result.encoder_calls = _run(job, _task_propagate, todo, client=client, progress=progress,
+        result.encoder_calls = run_units(job, task_propagate, todo, client=client, progress=progress,
                                     offset=result.resumed, total=n_groups)
         result.info = _compose(job, output, stack)
         output.finish()
@@ -231,7 +231,7 @@ def propagate_prompts(stack, prompts, out, *, strategy: str | None = None, min_s
     return result
 
 
-def _compose(job: _Job, output: Output, stack) -> dict:
+def _compose(job: Job, output: Output, stack) -> dict:
     """Paint the per-object masks slice by slice, ids in order; resumable per slice."""
     info = []
     for path in sorted((Path(job.work) / "info").glob("*.json")):
@@ -240,7 +240,7 @@ def _compose(job: _Job, output: Output, stack) -> dict:
     for obj in info:
         for z in obj["accepted"]:
             on_slice.setdefault(obj["line"][z], []).append((obj["id"], z))
-    masks, labels = _open(f"{job.work}/objects"), _open(job.labels)
+    masks, labels = open_array(f"{job.work}/objects"), open_array(job.labels)
     done = output.done()
     for index in range(len(stack)):
         if done[index]:
@@ -250,8 +250,8 @@ def _compose(job: _Job, output: Output, stack) -> dict:
             for oid, z in sorted(on_slice[index]):
                 m = np.asarray(masks[oid - 1, z])
                 lab[m & (lab == 0)] = oid
-            labels[_slot(stack, index)] = lab
-        _mark(job, "done", index)
+            labels[slot(stack, index)] = lab
+        mark_done(job, "done", index)
     return {"objects": info}
 
 
@@ -262,11 +262,12 @@ def auto_segment(stack, out, *, points_per_side: int = 16, pred_iou_thresh: floa
                  overwrite: bool = False, progress: Progress | None = None) -> JobResult:
     """Automatic segmentation of every slice (one task each), then the 3D merge.
 
-    See :func:`napari_sam.volume.auto_segment_slice` and :func:`napari_sam.volume.merge_slices`;
+    See :func:`napari_sam.workflows.auto.auto_segment_slice` and :func:`napari_sam.workflows.auto.merge_slices`;
     ``merge_iou`` is the merge's ``min_iou``. Per-slice results are kept in the work folder
     until the merge has written ``out``.
     """
-    from .volume import SliceLinker, z_line
+    from .auto import SliceLinker
+    from .volume import z_line
 
     t0 = time.perf_counter()
     stack, ref, sam_model = _open_inputs(stack, model, checkpoint, device)
@@ -284,9 +285,9 @@ def auto_segment(stack, out, *, points_per_side: int = 16, pred_iou_thresh: floa
         sdone = np.asarray(Output.require(work, "slices_done", (len(stack),), (1,), "uint8")[:]).astype(bool)
         todo = [i for i in range(len(stack)) if not sdone[i]]
         result.resumed, result.computed = len(stack) - len(todo), len(todo)
-        result.encoder_calls = _run(job, _task_auto, todo, client=client, progress=progress,
+        result.encoder_calls = run_units(job, task_auto, todo, client=client, progress=progress,
                                     offset=result.resumed, total=len(stack))
-        slices, labels = _open(f"{job.work}/slices"), _open(job.labels)
+        slices, labels = open_array(f"{job.work}/slices"), open_array(job.labels)
         linker = SliceLinker(min_iou=merge_iou)
         seen: set[int] = set()
         for i in range(len(stack)):  # Z lines in order of their first slice
@@ -296,7 +297,7 @@ def auto_segment(stack, out, *, points_per_side: int = 16, pred_iou_thresh: floa
             seen.update(line)
             linker.reset()
             for index in line:
-                labels[_slot(stack, index)] = linker.link(np.asarray(slices[index]))
+                labels[slot(stack, index)] = linker.link(np.asarray(slices[index]))
         result.n_objects = linker.next_id - 1
         output.finish()
     result.seconds = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""Readers behind :func:`napari_sam.stacks.open_stack`: TIFF and zarr / OME-Zarr sources.
+"""Readers behind :func:`napari_sam.open_stack`: paths, zarr / OME-Zarr, arrays; axes rules.
 
 Each reader returns a :class:`SourceInfo`: a lazy array plus the axes, pixel spacing and
 units found in the file's metadata. Nothing here reads pixel data: TIFF files are opened
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 import os
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ._errors import StackError
+from .._errors import StackError
+from .source import UNKNOWN_FIRST, SourceInfo, fill_unknown, unit_of
+from .tiff import open_tiff
 
 __all__ = [
     "SourceInfo",
@@ -25,94 +25,10 @@ __all__ = [
     "check_axes",
     "from_array",
     "open_path",
-    "open_tiff",
     "open_zarr_path",
     "from_zarr_node",
     "axes_from_names",
 ]
-
-# letters given to slice axes whose meaning is unknown, in order of preference
-_UNKNOWN_FIRST = "ZT"
-_POOL = "ABDEFGHJKLMNOPQRUVW"
-_UM = "µm"
-_UNIT_ALIASES = {
-    "micron": _UM,
-    "microns": _UM,
-    "um": _UM,
-    "\\u00b5m": _UM,
-    "micrometer": _UM,
-    "micrometre": _UM,
-    "µm": _UM,
-    "μm": _UM,  # greek mu
-    "pixel": None,
-    "pixels": None,
-    "": None,
-}
-
-
-@dataclass
-class SourceInfo:
-    """What a reader found: the lazy array and its metadata (one entry per axis)."""
-
-    data: Any
-    axes: str | None
-    scale: tuple[float, ...] | None = None
-    units: tuple[str | None, ...] | None = None
-    rgb_hint: bool = False  # the file says its C axis holds RGB(A) samples
-    source: str = "array"
-    path: str | None = None  # set for file sources: used to reopen after pickling
-    handle: Any = field(default=None, repr=False)  # open file to close with the stack
-
-
-def _unit(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = str(value).strip()
-    return _UNIT_ALIASES.get(text.lower(), text)
-
-
-def _fill_unknown(letters: list[str | None], prefer: list[str]) -> str:
-    """Give a unique slice-axis letter to every ``None`` in `letters`.
-
-    `prefer` holds, per position, the pool to draw from first ("ZT" for unknown axes,
-    "" for axes that must not be mistaken for Z or T).
-    """
-    used = {a for a in letters if a is not None}
-    out = []
-    for a, first in zip(letters, prefer):
-        if a is None:
-            a = next(c for c in first + _POOL if c not in used)
-            used.add(a)
-        out.append(a)
-    return "".join(out)
-
-
-def map_tiff_axes(axes: str) -> tuple[str, bool]:
-    """Map tifffile's axes letters to napari-sam's.
-
-    ``S`` (samples: RGB(A)) becomes ``C``; a tifffile ``C`` next to an ``S`` becomes a
-    slice axis with a letter outside ``Z``/``T``; ``Q`` (unknown), ``I`` (image sequence)
-    and repeated letters become the first unused of ``Z``, ``T``, then other letters.
-    Returns the axes and whether the file has an RGB(A) sample axis.
-    """
-    has_s = "S" in axes
-    letters: list[str | None] = []
-    prefer: list[str] = []
-    for a in axes:
-        if a == "S":
-            letters.append("C")
-            prefer.append("")
-        elif a == "C" and has_s:
-            letters.append(None)
-            prefer.append("")
-        elif a in "QI" or a in letters:
-            letters.append(None)
-            prefer.append(_UNKNOWN_FIRST)
-        else:
-            letters.append(a)
-            prefer.append("")
-    return _fill_unknown(letters, prefer), has_s
-
 
 def axes_from_names(names: list[Any], types: list[Any] | None = None) -> str | None:
     """Axes letters from dimension names (OME-Zarr, zarr v3 ``dimension_names``, xarray).
@@ -130,166 +46,13 @@ def axes_from_names(names: list[Any], types: list[Any] | None = None) -> str | N
         if a is None and types is not None and types[i] is not None:
             a = by_type.get(str(types[i]).lower())
         letters.append(a if a not in letters else None)
-    axes = _fill_unknown(letters, [_UNKNOWN_FIRST] * len(letters))
+    axes = fill_unknown(letters, [UNKNOWN_FIRST] * len(letters))
     if axes.count("Y") != 1 or axes.count("X") != 1:
         return None
     return axes
 
 
 # --------------------------------------------------------------------------- TIFF
-
-
-def _ome_scale(tif: Any, axes: str) -> tuple[list[float], list[str | None]]:
-    scale = [1.0] * len(axes)
-    units: list[str | None] = [None] * len(axes)
-    try:
-        root = ET.fromstring(tif.ome_metadata)
-    except ET.ParseError:
-        return scale, units
-    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
-    if pixels is None:
-        return scale, units
-    for letter, key, default_unit in (
-        ("X", "PhysicalSizeX", _UM),
-        ("Y", "PhysicalSizeY", _UM),
-        ("Z", "PhysicalSizeZ", _UM),
-        ("T", "TimeIncrement", "s"),
-    ):
-        value = pixels.get(key)
-        if value is None or letter not in axes:
-            continue
-        try:
-            size = float(value)
-        except ValueError:
-            continue
-        if math.isfinite(size) and size > 0:
-            i = axes.index(letter)
-            scale[i] = size
-            units[i] = _unit(pixels.get(key + "Unit", default_unit))
-    return scale, units
-
-
-def _imagej_scale(tif: Any, axes: str) -> tuple[list[float], list[str | None]]:
-    scale = [1.0] * len(axes)
-    units: list[str | None] = [None] * len(axes)
-    meta = tif.imagej_metadata or {}
-    unit = _unit(meta.get("unit"))
-    page = tif.pages.first
-    for letter, tag in (("X", "XResolution"), ("Y", "YResolution")):
-        res = page.tags.get(tag)
-        if res is None or letter not in axes:
-            continue
-        num, den = res.value
-        if num > 0 and den > 0 and (num, den) != (1, 1):
-            scale[axes.index(letter)] = den / num
-        units[axes.index(letter)] = unit
-    for letter, key, u in (("Z", "spacing", unit), ("T", "finterval", "s")):
-        value = meta.get(key)
-        if letter in axes and value is not None:
-            try:
-                size = float(value)
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(size) and size > 0:
-                scale[axes.index(letter)] = size
-                units[axes.index(letter)] = u
-    return scale, units
-
-
-def _check_compression(series: Any, path: str) -> None:
-    """Refuse up front a TIFF whose compression cannot be decoded here (instead of failing
-    on the first slice read with tifffile's bare message)."""
-    import tifffile
-
-    page = series.keyframe if getattr(series, "keyframe", None) is not None else series.pages[0]
-    if page is None or not hasattr(page, "tags"):
-        return
-    value = page.tags.valueof(259, 1)
-    try:
-        tifffile.TIFF.DECOMPRESSORS[value]
-        return
-    except Exception as exc:  # KeyError: unknown code; others: codec not installed
-        why = type(exc).__name__
-    try:
-        name = tifffile.COMPRESSION(value).name
-    except ValueError:
-        name = "unknown"
-    raise StackError(
-        f"TIFF file {path!r} uses compression {value} ({name}), which cannot be decoded "
-        f"here ({why}); readable: uncompressed, LZW, deflate/zlib, PackBits, JPEG, zstd, "
-        "LZMA and the other codecs of tifffile + imagecodecs; re-save the file with one"
-    )
-
-
-def open_tiff(path: str) -> SourceInfo:
-    """Open the first series of a TIFF file (level 0 of a pyramid) as a lazy zarr array.
-
-    Parameters
-    ----------
-    path : str
-        A TIFF, BigTIFF, ImageJ hyperstack or OME-TIFF file.
-
-    Returns
-    -------
-    SourceInfo
-        ``data`` is a read-only ``zarr.Array`` backed by tifffile's ``ZarrTiffStore``
-        (one chunk per page or smaller); the file stays open in ``handle``.
-
-    Raises
-    ------
-    StackError
-        When the file is not a readable TIFF; the message names the path and the reason.
-    """
-    import tifffile
-    import zarr
-
-    try:
-        tif = tifffile.TiffFile(path)
-    except Exception as exc:  # tifffile raises TiffFileError, struct.error, ValueError...
-        raise StackError(
-            f"cannot read {path!r} as a TIFF file ({type(exc).__name__}: {exc}); "
-            "open_stack reads TIFF files and zarr / OME-Zarr folders"
-        ) from exc
-    try:
-        if not tif.series:
-            raise StackError(f"TIFF file {path!r} contains no image series")
-        series = tif.series[0]
-        _check_compression(series, path)
-        node = zarr.open(series.aszarr(level=0), mode="r")
-        if not hasattr(node, "shape"):  # a group of levels: take level 0
-            node = node["0"]
-        raw_axes = series.axes
-        axes: str | None
-        axes, rgb_hint = map_tiff_axes(raw_axes)
-        if set(raw_axes) <= set("QIYX") and len(raw_axes) <= 5:
-            axes = None  # no axes metadata (only unknowns): the shape rule decides
-        if tif.is_ome and tif.ome_metadata:
-            scale, units = _ome_scale(tif, raw_axes.replace("S", "_"))
-        elif tif.is_imagej:
-            scale, units = _imagej_scale(tif, raw_axes.replace("S", "_"))
-        else:
-            scale, units = [1.0] * len(raw_axes), [None] * len(raw_axes)
-    except StackError:
-        tif.close()
-        raise
-    except Exception as exc:
-        tif.close()
-        raise StackError(
-            f"cannot read {path!r} as a TIFF image ({type(exc).__name__}: {exc})"
-        ) from exc
-    return SourceInfo(
-        data=node,
-        axes=axes,
-        scale=tuple(scale),
-        units=tuple(units),
-        rgb_hint=rgb_hint,
-        source=path,
-        path=path,
-        handle=tif,
-    )
-
-
-# --------------------------------------------------------------------------- zarr
 
 
 def _ome_attrs(attrs: Any) -> dict | None:
@@ -328,7 +91,7 @@ def _from_multiscales(group: Any, ms: dict, source: str, path: str | None) -> So
         names = [a.get("name") if isinstance(a, dict) else a for a in raw]
         types = [a.get("type") if isinstance(a, dict) else None for a in raw]
         axes = axes_from_names(names, types)
-        units = [_unit(a.get("unit")) if isinstance(a, dict) else None for a in raw]
+        units = [unit_of(a.get("unit")) if isinstance(a, dict) else None for a in raw]
     elif raw is None and ndim == 5:  # OME-Zarr 0.1 / 0.2: always TCZYX
         axes = "TCZYX"
     scale = _scale_of(level0.get("coordinateTransformations"), ndim) or [1.0] * ndim
@@ -473,8 +236,6 @@ def from_array(source: Any) -> SourceInfo:
     if mod == "dask":
         return SourceInfo(data=source, axes=None, source="dask")
     if mod == "zarr":
-        from ._stack_io import from_zarr_node
-
         return from_zarr_node(source, source="zarr")
     if hasattr(source, "shape") and hasattr(source, "dtype") and hasattr(source, "__getitem__"):
         return SourceInfo(data=source, axes=None, source="array")  # h5py, xarray, ...

@@ -18,8 +18,7 @@ is below ``min_score`` (``"score"``), or whose IoU with the previous slice's mas
 also stops at the end of the stack (``"end"``) or after ``max_slices`` (``"max_slices"``).
 
 :func:`propagate_many` advances several objects together, with one batched decoder call
-per slice for all objects that are on that slice. Automatic segmentation and the 3D merge
-of per-slice objects are in :mod:`napari_sam._auto` and re-exported here.
+per slice for all objects that are on that slice (:meth:`napari_sam.Segmenter.predict_many`).
 """
 
 from __future__ import annotations
@@ -29,18 +28,17 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from ._auto import SliceLinker, auto_segment_slice, decode_raw, merge_slices
-from ._errors import InvalidInputError
+from .._errors import InvalidInputError
+from ..engine.prompt import Prompt
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .segment import Segmenter
+    from ..engine.segment import Segmenter
 
-__all__ = ["Seed", "SliceStep", "PropagationResult", "propagate", "propagate_many",
-           "z_line", "auto_segment_slice", "merge_slices", "SliceLinker", "STRATEGIES", "DEFAULT_STRATEGY"]
+__all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "PropagationResult", "Seed", "SliceStep",
+           "interior_points", "propagate", "propagate_many", "z_line"]
 
 STRATEGIES = ("box", "points", "mask")
 DEFAULT_STRATEGY = "box"
-_MASK_LOGIT = float(np.log((1 - 1e-3) / 1e-3))  # +-6.9: a binary mask as SAM logits
 
 
 @dataclass
@@ -105,14 +103,28 @@ class PropagationResult:
         return sorted(s.z for s in self.steps)
 
 
-def z_line(stack, index: int) -> tuple[list[int], int]:
-    """Slice indices along Z through slice ``index`` (other slice axes fixed), and the
-    position of ``index`` on that line. Uses the last slice axis when there is no Z."""
+def z_line(stack, index: int, axis: int | str | None = None) -> tuple[list[int], int]:
+    """Slice indices along one slice axis through slice ``index`` (the other slice axes
+    fixed), and the position of ``index`` on that line.
+
+    ``axis``: a letter of ``stack.slice_axes`` ("Z", "T"), a position in it, or None for
+    Z (the last slice axis when there is no Z).
+    """
     axes = stack.slice_axes
     if not axes:
         return [0], 0
     pos = list(stack.position(index))
-    k = axes.index("Z") if "Z" in axes else len(axes) - 1
+    if axis is None:
+        k = axes.index("Z") if "Z" in axes else len(axes) - 1
+    elif isinstance(axis, str):
+        if axis not in axes:
+            raise InvalidInputError(f"axis {axis!r} is not a slice axis of this stack "
+                                    f"(slice axes {axes!r})")
+        k = axes.index(axis)
+    else:
+        k = int(axis)
+        if not 0 <= k < len(axes):
+            raise InvalidInputError(f"axis {axis} is out of range for slice axes {axes!r}")
     n = stack.shape[stack.axes.index(axes[k])]
     line = []
     for z in range(n):
@@ -147,75 +159,27 @@ def interior_points(mask: np.ndarray, k: int = 3) -> np.ndarray:
     return np.array(pts, float).reshape(-1, 2)
 
 
-def mask_to_logits(mask: np.ndarray, image_size: int = 1024) -> np.ndarray:
-    """A binary (Y, X) mask as SAM ``mask_input`` logits (256, 256) in SAM's padded frame."""
-    import torch
-    import torch.nn.functional as F
-
-    h, w = mask.shape
-    s = image_size / max(h, w)
-    nh, nw = int(h * s + 0.5), int(w * s + 0.5)
-    m = torch.as_tensor(mask, dtype=torch.float32)[None, None]
-    m = F.interpolate(m, (nh, nw), mode="bilinear", align_corners=False)
-    m = F.pad(m, (0, image_size - nw, 0, image_size - nh))
-    m = F.interpolate(m, (image_size // 4, image_size // 4), mode="area")[0, 0].numpy()
-    return np.where(m > 0.5, _MASK_LOGIT, -_MASK_LOGIT).astype(np.float32)
-
-
-def _prompt(strategy: str, prev_mask: np.ndarray, prev_logits: np.ndarray | None, size: int):
-    """Prompts for the next slice from the previous accepted mask."""
+def _prompt(strategy: str, prev_mask: np.ndarray, prev_logits: np.ndarray | None,
+            seg: "Segmenter", index: int) -> Prompt:
+    """The prompt for the next slice from the previous accepted mask."""
     if strategy == "box":
-        return {"box": _bbox(prev_mask)}
+        return Prompt.of(box=_bbox(prev_mask))
     if strategy == "points":
         pts = interior_points(prev_mask)
-        return {"points": pts, "point_labels": np.ones(len(pts), np.int64)}
-    logits = prev_logits if prev_logits is not None else mask_to_logits(prev_mask, size)
-    return {"box": _bbox(prev_mask), "mask_input": logits}
+        return Prompt.of(points=pts, point_labels=np.ones(len(pts), np.int64))
+    if prev_logits is None:
+        return seg.prompt_from_mask(index, prev_mask)
+    return Prompt.of(box=_bbox(prev_mask), mask_input=prev_logits)
 
 
 # ------------------------------------------------------------------ decoding
-def decode_batch(seg: "Segmenter", index: int, prompts: list[dict], *, multimask: bool
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Several objects' prompts on one slice in ONE decoder call.
-
-    ``prompts`` as :func:`napari_sam._auto.decode_raw`. Returns the best mask of each
-    object (B, Y, X) bool, its predicted IoU (B,), and its logits (B, 256, 256).
-    """
-    emb = seg.embedding(index)
-    low, iou = decode_raw(seg, emb, prompts, multimask=multimask)
-    best = iou.argmax(axis=1)
-    rows = np.arange(len(prompts))
-    logits, scores = low[rows, best], iou[rows, best]
-    return seg._upsample(emb, logits), scores, logits
-
-
-def _multimask(p: dict) -> bool:
-    """SAM's advice: three candidates for a lone click, one mask for anything richer."""
-    n = len(p["points"]) if p.get("points") is not None else 0
-    return p.get("box") is None and p.get("mask_input") is None and n <= 1
-
-
-def _predict(seg, index: int, prompts: list[dict], batch: bool):
-    """(mask, score, logits) for each prompt dict; batched or one ``seg.predict`` each."""
-    if batch and len(prompts) > 1:
-        groups: dict[tuple, list[int]] = {}
-        for i, p in enumerate(prompts):  # one call per kind of prompt (and point count)
-            n = len(p["points"]) if p.get("points") is not None else 0
-            key = (tuple(sorted(k for k, v in p.items() if v is not None)), n)
-            groups.setdefault(key, []).append(i)
-        out: list[Any] = [None] * len(prompts)
-        for idx in groups.values():
-            m, s, lg = decode_batch(seg, index, [prompts[i] for i in idx],
-                                    multimask=_multimask(prompts[idx[0]]))
-            for j, i in enumerate(idx):
-                out[i] = (m[j], float(s[j]), lg[j])
-        return out
-    out = []
-    for p in prompts:
-        pred = seg.predict(index, multimask=_multimask(p), **p)
-        out.append((np.asarray(pred.mask, bool), float(pred.scores[pred.best]),
-                    pred.logits[pred.best]))
-    return out
+def _predict(seg: "Segmenter", index: int, prompts: list[Prompt], batch: bool):
+    """(mask, score, logits) per prompt: one batched call, or one call each."""
+    if batch:
+        preds = seg.predict_many(index, prompts)
+    else:
+        preds = [seg.predict_many(index, [p])[0] for p in prompts]
+    return [(np.asarray(p.mask, bool), p.score, p.logits[p.best]) for p in preds]
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -239,10 +203,13 @@ def propagate_many(
     min_score: float = 0.5,
     min_iou: float = 0.3,
     max_slices: int | None = None,
+    axis: int | str | None = None,
+    limits: tuple[int, int] | None = None,
     batch: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[PropagationResult]:
-    """Propagate several objects through their Z lines, slice by slice, together.
+    """Propagate several objects through their lines of slices, slice by slice, together.
 
     Parameters
     ----------
@@ -257,10 +224,18 @@ def propagate_many(
         Stop a direction when the IoU with the previous slice's mask falls below this.
     max_slices : int, optional
         At most this many slices on each side of the seed.
+    axis : str or int, optional
+        The slice axis to follow ("Z", "T", or its position in ``stack.slice_axes``);
+        default Z (see :func:`z_line`).
+    limits : (int, int), optional
+        Only positions lo..hi (inclusive) along the axis (a direction stops with
+        ``"limit"`` at the edge).
     batch : bool
-        One decoder call per slice for all objects on it (else one ``seg.predict`` each).
+        One decoder call per slice for all objects on it (else one call each).
     progress : callable(done, total), optional
         Called after each round; ``total`` is an upper bound (slices left on every front).
+    should_stop : callable() -> bool, optional
+        Polled between rounds; True stops every front (reason ``"cancelled"``).
 
     Returns
     -------
@@ -269,32 +244,27 @@ def propagate_many(
     if strategy not in STRATEGIES:
         raise InvalidInputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     shape = seg.stack.slice_shape
-    size = seg.model.architecture.image_size
     tracks: list[_Track] = []
-    seed_prompts: dict[int, list[tuple[int, dict]]] = {}
+    seed_prompts: dict[int, list[tuple[int, Any]]] = {}
     for k, s in enumerate(seeds):
-        line, z0 = z_line(seg.stack, int(s.index))
+        line, z0 = z_line(seg.stack, int(s.index), axis)
         res = PropagationResult(np.zeros((len(line), *shape), bool), line, z0)
         tracks.append(_Track(res, line, {}))
         if s.mask is not None:
             m = np.asarray(s.mask, bool)
             if m.shape != tuple(shape):
                 raise InvalidInputError(f"seed {k}: mask of shape {m.shape}, expected {shape}")
-            seed_prompts.setdefault(-1, []).append((k, {"_mask": m}))
+            seed_prompts.setdefault(-1, []).append((k, m))
         else:
-            p = {"points": s.points, "point_labels": s.point_labels, "box": s.box}
-            if p["points"] is not None:
-                p["points"] = np.asarray(p["points"], float).reshape(-1, 2)
-                p["point_labels"] = (np.ones(len(p["points"]), np.int64) if s.point_labels is None
-                                     else np.asarray(s.point_labels, np.int64))
-            seed_prompts.setdefault(int(s.index), []).append((k, {a: v for a, v in p.items()
-                                                                  if v is not None}))
+            p = Prompt.of(points=s.points, point_labels=s.point_labels, box=s.box)
+            seed_prompts.setdefault(int(s.index), []).append((k, p))
+    lo, hi = (0, 10**9) if limits is None else (min(limits), max(limits))
     # seed slices
     for index, items in sorted(seed_prompts.items()):
         if index == -1:
-            outs = [(it[1]["_mask"], 1.0, None) for it in items]
+            outs = [(m, 1.0, None) for _, m in items]
         else:
-            outs = _predict(seg, index, [it[1] for it in items], batch)
+            outs = _predict(seg, index, [p for _, p in items], batch)
         for (k, _), (mask, score, logits) in zip(items, outs):
             t = tracks[k]
             z0 = t.result.seed_z
@@ -304,25 +274,27 @@ def propagate_many(
                 t.result.stop = {"down": "empty", "up": "empty"}
                 continue
             t.result.mask[z0] = mask
-            for d, name in ((-1, "down"), (1, "up")):
+            for d in (-1, 1):
                 t.fronts[d] = (z0, mask, logits, 0)
     limit = max_slices if max_slices is not None else 10**9
     done = 0
     while True:
-        todo: dict[int, list[tuple[int, int, dict]]] = {}
+        stop = should_stop is not None and should_stop()
+        todo: dict[int, list[tuple[int, int, Prompt]]] = {}
         for k, t in enumerate(tracks):
             for d in list(t.fronts):
                 z, prev, logits, count = t.fronts[d]
                 name = "down" if d < 0 else "up"
                 nz = z + d
-                if not 0 <= nz < len(t.line):
-                    t.result.stop[name] = "end"
-                    del t.fronts[d]
-                elif count >= limit:
-                    t.result.stop[name] = "max_slices"
+                reason = ("cancelled" if stop else "end" if not 0 <= nz < len(t.line)
+                          else "limit" if not lo <= nz <= hi
+                          else "max_slices" if count >= limit else None)
+                if reason is not None:
+                    t.result.stop[name] = reason
                     del t.fronts[d]
                 else:
-                    todo.setdefault(t.line[nz], []).append((k, d, _prompt(strategy, prev, logits, size)))
+                    todo.setdefault(t.line[nz], []).append(
+                        (k, d, _prompt(strategy, prev, logits, seg, t.line[nz])))
         if not todo:
             break
         for index in sorted(todo):
@@ -335,7 +307,8 @@ def propagate_many(
                 overlap = _iou(mask, prev)
                 reason = ("empty" if not mask.any() else "score" if score < min_score
                           else "overlap" if overlap < min_iou else None)
-                t.result.steps.append(SliceStep(nz, index, score, overlap, int(mask.sum()), reason is None))
+                t.result.steps.append(SliceStep(nz, index, score, overlap, int(mask.sum()),
+                                                reason is None))
                 if reason is not None:
                     t.result.stop["down" if d < 0 else "up"] = reason
                     del t.fronts[d]

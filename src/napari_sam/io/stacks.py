@@ -41,26 +41,20 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import StackError
-from ._stack_io import SourceInfo, check_axes, from_array, infer_axes
+from .._errors import StackError
+from .._hashing import array_digest
+from .channels import choose_channel
+from .formats import SourceInfo, check_axes, from_array, infer_axes
+from .normalise import check_limits, to_uint8_rgb
+from .source import SliceSource
 
-__all__ = ["Stack", "open_stack", "infer_axes"]
+__all__ = ["SliceSource", "Stack", "infer_axes", "open_stack"]
 
 _PLANE = "YXC"
 _N_SAMPLES = 8  # slices sampled for contrast limits
 _SAMPLE_PIXELS = 1_000_000  # each sampled slice is strided down to about this many pixels
 _NORMALISATION_VERSION = 1
 _DEFAULT_PERCENTILES = (1.0, 99.8)
-
-
-def _check_limits(limits: Any, name: str = "contrast_limits") -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in limits)
-    except (TypeError, ValueError):
-        raise StackError(f"{name} must be two numbers (low, high); got {limits!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi)) or hi < lo:
-        raise StackError(f"{name} must be finite with low <= high; got {limits!r}")
-    return lo, hi
 
 
 class Stack:
@@ -129,68 +123,21 @@ class Stack:
         self._slice_dims = tuple(shape[axes.index(a)] for a in self.slice_axes)
         self.slice_shape = (shape[axes.index("Y")], shape[axes.index("X")])
         self._info = info
-        self._setup_channel(channel, info.rgb_hint)
+        self.channel, self._c_key, self._c_take, self.rgb_input = choose_channel(
+            axes, shape, dtype, channel, info.rgb_hint)
 
         p = tuple(float(v) for v in percentiles)
         if len(p) != 2 or not 0.0 <= p[0] < p[1] <= 100.0:
             raise StackError(f"percentiles must be (low, high) with 0 <= low < high <= 100; "
                              f"got {percentiles!r}")
         self._percentiles = p
-        self._user_limits = None if contrast_limits is None else _check_limits(contrast_limits)
+        self._user_limits = None if contrast_limits is None else check_limits(contrast_limits)
         self._fixed = self._user_limits
         if self._fixed is None and dtype == np.bool_:
             self._fixed = (0.0, 1.0)  # bool: False -> 0, True -> 255
         self._passthrough = self._fixed is None and self.rgb_input and dtype == np.uint8
         self._computed: tuple[float, float] | None = None
         self._lock = threading.Lock()
-
-    # ------------------------------------------------------------------ channels
-    def _setup_channel(self, channel: Any, rgb_hint: bool) -> None:
-        self._c_key: int | slice | None = None
-        self._c_take: list[int] | None = None
-        self.rgb_input = False
-        if "C" not in self.axes:
-            if channel is not None:
-                raise StackError(
-                    f"channel={channel!r} given but the image (axes {self.axes!r}, shape "
-                    f"{self.shape}) has no C axis; pass axes= with a C to name one"
-                )
-            self.channel = None
-            return
-        n = self.shape[self.axes.index("C")]
-        accepted = (f"an int in [0, {n - 1}], or 3 ints in that range for RGB"
-                    f" (the C axis has {n} channels)")
-        if channel is None:
-            rgb = n in (3, 4) and (rgb_hint or self.axes[-1] == "C" or self.dtype == np.uint8)
-            chosen: Any = (0, 1, 2) if rgb else 0
-        elif isinstance(channel, (bool, np.bool_)):
-            raise StackError(f"channel must be {accepted}; got {channel!r}")
-        elif isinstance(channel, (int, np.integer)):
-            chosen = int(channel)
-        else:
-            try:
-                chosen = tuple(operator.index(c) for c in channel)
-            except TypeError:
-                raise StackError(f"channel must be {accepted}; got {channel!r}") from None
-            if len(chosen) == 1:
-                chosen = chosen[0]
-            elif len(chosen) != 3:
-                raise StackError(f"channel must be {accepted}; got {len(chosen)} channels "
-                                 f"{channel!r}")
-        picks = [chosen] if isinstance(chosen, int) else list(chosen)
-        if any(not -n <= c < n for c in picks):
-            raise StackError(f"channel {channel!r} is out of range: channel must be {accepted}")
-        picks = [c % n for c in picks]
-        if len(picks) == 1:
-            self.channel = picks[0]
-            self._c_key = picks[0]
-        else:
-            self.channel = tuple(picks)
-            lo = min(picks)
-            self._c_key = slice(lo, max(picks) + 1)
-            take = [c - lo for c in picks]
-            self._c_take = None if take == list(range(max(picks) - lo + 1)) else take
-            self.rgb_input = True
 
     # ------------------------------------------------------------------ sequence
     def __len__(self) -> int:
@@ -319,7 +266,7 @@ class Stack:
             return s
         limits = self.contrast_limits
         assert limits is not None
-        return _to_uint8_rgb(s, *limits)
+        return to_uint8_rgb(s, *limits)
 
     def normalisation(self) -> dict:
         """JSON-able description of how :meth:`rgb` maps raw values, for cache signatures.
@@ -348,11 +295,7 @@ class Stack:
     # ------------------------------------------------------------------ identity
     def slice_fingerprint(self, index: int) -> str:
         """blake2b (16 bytes, hex) of slice `index`'s raw bytes, shape and dtype."""
-        s = self[index]
-        h = hashlib.blake2b(digest_size=16)
-        h.update(f"{s.shape}|{s.dtype.str}|".encode())
-        h.update(memoryview(np.ascontiguousarray(s)).cast("B"))
-        return h.hexdigest()
+        return array_digest(self[index])
 
     def fingerprint(self) -> str:
         """Cheap identity of the stack (hex).
@@ -409,34 +352,6 @@ def _restore(payload: Any, options: dict, computed: tuple[float, float] | None) 
         payload, **options)
     stack._computed = computed
     return stack
-
-
-def _map_block(s: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    if not hi > lo:
-        with np.errstate(invalid="ignore"):
-            return np.where(s > lo, np.uint8(255), np.uint8(0))
-    wide = s.dtype == np.float64 or (s.dtype.kind in "iu" and s.dtype.itemsize > 2)
-    x = s.astype(np.float64 if wide else np.float32)
-    x -= lo
-    x /= hi - lo
-    np.nan_to_num(x, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
-    np.clip(x, 0.0, 1.0, out=x)
-    x *= 255.0
-    np.rint(x, out=x)
-    return x.astype(np.uint8)
-
-
-def _to_uint8_rgb(s: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    # row blocks of about 1M values keep the float temporaries small on large slices
-    out = np.empty(s.shape[:2] + (3,), np.uint8)
-    target = out if s.ndim == 3 else out[..., 0]
-    rows = max(1, (1 << 20) // max(1, s[0].size))
-    for r in range(0, s.shape[0], rows):
-        target[r : r + rows] = _map_block(s[r : r + rows], lo, hi)
-    if s.ndim == 2:  # gray: replicate to 3 channels
-        out[..., 1] = out[..., 0]
-        out[..., 2] = out[..., 0]
-    return out
 
 
 def open_stack(
@@ -498,7 +413,7 @@ def open_stack(
         merged.update(given)
         return Stack(source._info, **merged)
     if isinstance(source, (str, os.PathLike)):
-        from ._stack_io import open_path
+        from .formats import open_path
 
         info = open_path(source)
     else:
