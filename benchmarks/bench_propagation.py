@@ -43,8 +43,7 @@ def main() -> None:
     import tifffile
 
     import napari_sam as ns
-    from napari_sam.workflows import auto as A
-from napari_sam.workflows import volume as V
+    from napari_sam.workflows import volume as V
 
     img = tifffile.imread(Path(args.data) / "img3d.tif")
     gt = tifffile.imread(Path(args.data) / "mask3d.tif")

@@ -124,10 +124,10 @@ def e2e_best_masks(model, features, rgb, prompts, cfg):
     for p in prompts:
         if "box" in p:
             x0, y0, x1, y1 = p["box"]
-            low, iou_ = decode(model, emb, boxes=np.array([[y0, x0, y1, x1]]), multimask=False, speed=cfg)
+            low, iou_ = model.decode(emb, boxes=np.array([[y0, x0, y1, x1]]), multimask=False, speed=cfg)
         else:
             yx = p["point_coords"][:, ::-1]
-            low, iou_ = decode(model, emb, points=yx[None], point_labels=p["point_labels"][None],
+            low, iou_ = model.decode(emb, points=yx[None], point_labels=p["point_labels"][None],
                                multimask=True, speed=cfg)
         best = int(torch.argmax(iou_[0]))
         with torch.inference_mode():
@@ -165,7 +165,7 @@ def bench_embed(args, model, rgb):
     warm = {}
     for name, cfg in configs.items():
         t = time.perf_counter()
-        fast.encode_batch(model, [rgb], config=cfg)
+        model.encode([rgb], speed=cfg)
         sync()
         warm[name] = time.perf_counter() - t
 
@@ -180,7 +180,7 @@ def bench_embed(args, model, rgb):
         cpu["baseline"].append(time.process_time() - c)
         for name, cfg in configs.items():
             t, c = time.perf_counter(), time.process_time()
-            (emb,) = fast.encode_batch(model, [rgb], config=cfg)
+            (emb,) = model.encode([rgb], speed=cfg)
             sync()
             wall[name].append(time.perf_counter() - t)
             cpu[name].append(time.process_time() - c)
@@ -294,10 +294,10 @@ def bench_gpu_batches(args, model, rgb):
         for bs in args.batch_sizes:
             cfg = fast.with_batch_size(fast.speed_config(model.device, mode=mode), bs)
             rgbs = [rgb] * max(bs * 2, 8)
-            fast.encode_batch(model, rgbs[:bs], config=cfg)
+            model.encode(rgbs[:bs], speed=cfg)
             torch.cuda.synchronize()
             t = time.perf_counter()
-            fast.encode_batch(model, rgbs, config=cfg)
+            model.encode(rgbs, speed=cfg)
             torch.cuda.synchronize()
             dt = time.perf_counter() - t
             sps = len(rgbs) / dt

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gui_helpers import settle
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -80,3 +82,20 @@ def kill_part_way():
         return done(work)
 
     return run
+
+
+@pytest.fixture
+def open_widget(make_napari_viewer, tiny_checkpoint, monkeypatch, qtbot):
+    """A factory: viewer (first), image layer, then the widget from the plugin menu."""
+    monkeypatch.setenv("NAPARI_SAM_MODEL", str(tiny_checkpoint))
+
+    def make(image=None, *, prefetch=False, name="img", **layer_kwargs):
+        viewer = make_napari_viewer()
+        if image is not None:
+            viewer.add_image(image, name=name, **layer_kwargs)
+        _, w = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+        w.prefetch.value = prefetch
+        settle(qtbot, w)
+        return viewer, w
+
+    return make

@@ -17,10 +17,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import _native
+from ._native import install as _install_triton_guard
 
 # before anything imports torchvision (and so triton): see _native for the crash it avoids
-_native.install()
+_install_triton_guard()
 
 __version__ = "0.1.0"
 

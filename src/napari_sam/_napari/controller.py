@@ -1,53 +1,61 @@
-"""The widget's brain without Qt widgets: layers in, engine calls, layers out.
+"""The widget's state without Qt widgets: layers in, engine requests out, layers written.
 
-:class:`SamController` owns the engine state of one viewer (model, segmenter, undo
-history, the current prediction) and the SAM layers ("SAM points", "SAM boxes",
-"SAM preview", "SAM labels"). Long work is exposed as generators (:meth:`embed_job`) that
-the widget runs in napari's ``thread_worker`` or, for tests, inline. Everything else runs
-on the GUI thread and is fast (prompt decoding takes milliseconds).
+:class:`SamController` owns the SAM layers ("SAM points", "SAM boxes", "SAM preview",
+"SAM labels") of one viewer and the preview of the slice in view. The GUI thread turns
+the prompt layers into a :class:`Request` (cheap); a worker answers it
+(:meth:`SamController.answer`: model, embedding, one batched decoder call); the GUI
+thread shows the answer (:meth:`SamController.show`). Commits and the volume tools write
+through the labels layer's own history (``data_setitem`` inside ``block_history``), so
+napari's Ctrl+Z and the widget's Undo share one history.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from . import prompts as P
+from ..engine.prompt import Prompt
+from .geometry import ImageGeometry, SlicePrompts, prompt_view_ok, prompts_for_slice, same_layer
+from .session import EngineSettings, Session
+from . import sam_layers as L
 
-__all__ = [
-    "BOXES_NAME",
-    "CACHE_MEMORY",
-    "CACHE_NEXT_TO_IMAGE",
-    "CACHE_PATH",
-    "LABELS_NAME",
-    "POINTS_NAME",
-    "PREVIEW_NAME",
-    "SamController",
-    "sidecar_path",
-]
+__all__ = ["Request", "Answer", "SamController"]
 
-CACHE_MEMORY, CACHE_NEXT_TO_IMAGE, CACHE_PATH = "memory", "next to image", "path"
-POINTS_NAME, BOXES_NAME = "SAM points", "SAM boxes"
-PREVIEW_NAME, LABELS_NAME = "SAM preview", "SAM labels"
-_POSITIVE_COLOUR, _NEGATIVE_COLOUR = "lime", "red"
-# the last loaded model, shared by every widget of the process (reopening the widget or
-# switching images does not reload the weights)
-_MODELS: dict[tuple, Any] = {}
+_seq = itertools.count(1)
 
 
-def sidecar_path(image_path: str | Path) -> Path:
-    """``cells.tif`` / ``cells.ome.tif`` / ``cells.zarr`` -> ``cells.embeddings.zarr``."""
-    p = Path(image_path)
-    name = p.name
-    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr", ".btf"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return p.with_name(name + ".embeddings.zarr")
+@dataclass(frozen=True)
+class Request:
+    """What the slice in view asks the engine for (built on the GUI thread)."""
+
+    settings: EngineSettings
+    index: int
+    position: tuple[int, ...]
+    objects: tuple[Prompt, ...]
+    seq: int = field(default_factory=lambda: next(_seq))
+
+    def key(self) -> tuple:
+        return (self.settings.key(), self.index, tuple(p.key() for p in self.objects))
+
+
+@dataclass
+class Answer:
+    """The engine's answer to a :class:`Request` (built in the worker)."""
+
+    request: Request
+    predictions: list  # one Prediction per object
+    embedded: bool  # the slice had to be encoded first
+    chosen: list[int] = field(default_factory=list)  # mask shown per object
+
+    def mask(self, k: int) -> np.ndarray:
+        return self.predictions[k].mask_at(self.chosen[k])
+
+    def logits(self, k: int) -> np.ndarray:
+        return self.predictions[k].logits[self.chosen[k]]
 
 
 class SamController:
@@ -56,8 +64,9 @@ class SamController:
     Parameters
     ----------
     viewer : napari.Viewer
-    status : callable(str), optional
-        Receives short messages for the user (the widget shows them).
+        The (possibly proxied) viewer.
+    status : callable(str)
+        Receives short messages for the user.
     """
 
     def __init__(self, viewer: Any, *, status: Callable[[str], None] | None = None) -> None:
@@ -65,417 +74,322 @@ class SamController:
 
         self.viewer = viewer
         self.status = status or (lambda msg: None)
+        self.session = Session(status=self.status)
         self.image_layer: Any = None
+        self.channel_axis: int | None = None
+        self.channels: tuple[int, ...] = (0,)
+        self.composite: list[Any] = []  # extra image layers composited with image_layer
         self.labels_layer: Any = None  # None: create / reuse "SAM labels"
         self.model_spec: str = ns.default_model_name()
-        self.device: str | None = None  # None = auto
-        self.cache_mode: str = CACHE_MEMORY
-        self.cache_path: str | None = None
+        self.device: str | None = None
+        self.cache_mode, self.cache_path = "auto", None
+        self.tile_above = 2048
         self.overwrite = False
         self.positive = True
-        self.history = ns.LabelHistory()
-        self._history_layer: Any = None
-        self._model: Any = None
-        self._model_key: Any = None
-        self._seg: Any = None
-        self._seg_key: Any = None
-        self._engine_lock = threading.Lock()
-        self._prediction: Any = None
-        self._prediction_key: Any = None
-        self._mask_k: int | None = None
-        self._shift_flip = False
+        self.answer_shown: Answer | None = None
+        self.last_committed = 0  # the newest id committed by this widget
+        self.ids = L.IdCounter()
+        self._last_request: Request | None = None
 
-    # ------------------------------------------------------------------ engine
-    def model_key(self) -> tuple:
-        return (self.model_spec, self.device)
-
-    def cache_target(self) -> str | None:
-        """The embedding store path for the current settings, or None (memory only)."""
-        if self.cache_mode == CACHE_PATH and self.cache_path:
-            return str(self.cache_path)
-        if self.cache_mode == CACHE_NEXT_TO_IMAGE and self.image_layer is not None:
-            src = getattr(self.image_layer.source, "path", None)
-            if src:
-                return str(sidecar_path(src))
-        return None
-
-    def engine_key(self) -> tuple | None:
+    # ------------------------------------------------------------------ geometry
+    def geometry(self) -> ImageGeometry | None:
         if self.image_layer is None:
             return None
-        return (id(self.image_layer), id(P.image_data(self.image_layer)), self.model_key(),
-                self.cache_target())
+        return ImageGeometry(self.image_layer, self.channel_axis)
 
-    def engine_ready(self) -> bool:
-        """True when the segmenter for the current settings exists."""
-        return self._seg is not None and self._seg_key == self.engine_key()
+    def image_gone(self) -> bool:
+        """True (and the image forgotten) when the chosen image was removed from the viewer."""
+        if self.image_layer is None:
+            return False
+        if any(same_layer(self.image_layer, lyr) for lyr in self.viewer.layers):
+            return False
+        name = self.image_layer.name
+        self.image_layer = None
+        self.composite = []
+        self.status(f"The image layer {name!r} was removed: choose or open an image.")
+        return True
+
+    def settings(self) -> EngineSettings | None:
+        """The engine settings for the current choices (None without an image)."""
+        geo = self.geometry()
+        if geo is None:
+            return None
+        data, axes, channel = geo.data, geo.axes(), None
+        if self.channel_axis is not None:
+            chans = tuple(self.channels[:3]) or (0,)
+            channel = chans[0] if len(chans) == 1 else (chans + chans[-1:])[:3]
+        elif self.composite:
+            import dask.array as da
+
+            arrays = [geo.data] + [ImageGeometry(lyr).data for lyr in self.composite[:2]]
+            data = da.stack([da.asarray(a) for a in arrays], axis=0)
+            axes = "C" + axes
+            channel = tuple(range(len(arrays))) + (len(arrays) - 1,) * (3 - len(arrays))
+        source = getattr(getattr(self.image_layer, "source", None), "path", None)
+        return EngineSettings(
+            data=data, data_id=id(data) if not self.composite else hash(
+                tuple(id(ImageGeometry(lyr).data) for lyr in [self.image_layer, *self.composite])),
+            axes=axes, channel=channel, source_path=source, model=self.model_spec,
+            device=self.device, cache_mode=self.cache_mode, cache_path=self.cache_path,
+            tile_above=self.tile_above)
 
     @property
     def segmenter(self) -> Any:
-        """The current :class:`napari_sam.Segmenter` (None until :meth:`ensure_engine`)."""
-        return self._seg if self.engine_ready() else None
+        """The built segmenter for the current settings, or None."""
+        return self.session.current(self.settings())
 
-    def ensure_engine(self) -> Any:
-        """Load the model and build the segmenter if the settings changed (blocking).
-
-        Safe to call from a worker thread: reads only plain attributes captured here.
-        """
-        import napari_sam as ns
-
-        key = self.engine_key()
-        if key is None:
-            raise RuntimeError("choose an image layer first")
-        layer = self.image_layer
-        data = P.image_data(layer)
-        axes = P.stack_axes(layer.ndim, bool(getattr(layer, "rgb", False)))
-        store = self.cache_target()
-        with self._engine_lock:
-            if self._seg is not None and self._seg_key == key:
-                return self._seg
-            if self._model is None or self._model_key != self.model_key():
-                spec = self.model_spec
-                self.status(f"Loading model {spec} ...")
-                model = _MODELS.get(self.model_key())
-                if model is None:
-                    if Path(spec).suffix and Path(spec).exists():
-                        model = ns.load_model(checkpoint=spec, device=self.device)
-                    else:
-                        model = ns.load_model(spec, device=self.device)
-                    _MODELS.clear()  # keep one model: vit_h weighs 2.5 GB
-                    _MODELS[self.model_key()] = model
-                self._model, self._model_key = model, self.model_key()
-            stack = ns.open_stack(data, axes=axes)
-            if self._seg is not None:  # the old engine's queued prefetches are no use now
-                self._seg.cache.cancel_prefetch()
-            self._seg = ns.Segmenter(self._model, stack, cache=store)
-            self._seg_key = key
-            self._prediction = self._prediction_key = None
-            return self._seg
-
-    def embed_job(self, indices: list[int], *, interactive: bool = True) -> Iterator[tuple]:
-        """Generator: load the engine, then embed ``indices`` one by one.
-
-        Yields ``("ready", None, None)`` once the engine is ready and
-        ``("embedded", done, total, index)`` after each slice; a worker may stop it at any
-        yield (cancel). ``interactive`` keeps the slices in the memory cache.
-        """
-        seg = self.ensure_engine()
-        yield ("ready", 0, len(indices), None)
-        for done, i in enumerate(indices, start=1):
-            if interactive:
-                seg.cache.get(i)
-            else:
-                seg.embed([i])
-            yield ("embedded", done, len(indices), i)
-
-    # ------------------------------------------------------------------ view
     def view_problem(self) -> str | None:
         """Why prompting is impossible in the current view, or None."""
         if self.image_layer is None:
-            return "Choose an image layer."
+            return "Open an image, or choose one under Image."
         dims = self.viewer.dims
-        if not P.prompt_view_ok(dims.ndisplay, dims.order, dims.ndim):
-            return ("Prompting works in 2D display of the last two axes (Y, X) only: "
-                    "switch to 2D (Ctrl+Y) and reset the axis order.")
+        if not prompt_view_ok(dims.ndisplay, dims.order, dims.ndim):
+            return ("Prompting works in the 2D view of the last two axes (Y, X): switch to 2D "
+                    "(Ctrl+Y) and reset the axis order.")
         return None
 
     def current_position(self) -> tuple[int, ...] | None:
-        """Slice position in view along the image's leading axes (None: outside)."""
-        if self.image_layer is None:
-            return None
-        return P.slice_position(self.image_layer, self.viewer.dims.point)
+        geo = self.geometry()
+        return None if geo is None else geo.position(self.viewer.dims.point)
 
     def current_index(self) -> int | None:
-        """Slice index (see :meth:`napari_sam.Stack.index`) in view, or None."""
         pos = self.current_position()
-        if pos is None:
-            return None
-        shape = P.image_data(self.image_layer).shape[: len(pos)]
-        return int(np.ravel_multi_index(pos, shape)) if pos else 0
+        return None if pos is None else self.geometry().index(pos)
 
-    def slice_shape(self) -> tuple[int, int]:
-        shape = P.image_data(self.image_layer).shape
-        if getattr(self.image_layer, "rgb", False):
-            shape = shape[:-1]
-        return int(shape[-2]), int(shape[-1])
-
-    def n_slices(self) -> int:
-        shape = P.image_data(self.image_layer).shape
-        if getattr(self.image_layer, "rgb", False):
-            shape = shape[:-1]
-        return int(np.prod(shape[:-2], dtype=np.int64))
+    def where(self, position: tuple[int, ...] | None = None) -> str:
+        """The slice in view in the user's axes, e.g. "T 1, Z 3" ("" for a 2D image)."""
+        geo = self.geometry()
+        pos = self.current_position() if position is None else position
+        return geo.describe(pos) if geo is not None and pos is not None else ""
 
     # ------------------------------------------------------------------ layers
-    def _find(self, name: str, kind: str) -> Any:
-        for layer in self.viewer.layers:
-            if layer.name == name and type(layer).__name__ == kind:
-                return layer
-        return None
-
     def points_layer(self, create: bool = True) -> Any:
-        """The "SAM points" layer (created on the image's grid when missing)."""
-        layer = self._find(POINTS_NAME, "Points")
-        if layer is None and create and self.image_layer is not None:
-            img = self.image_layer
-            layer = self.viewer.add_points(
-                np.zeros((0, img.ndim)), ndim=img.ndim, name=POINTS_NAME,
-                scale=img.scale, translate=img.translate, size=8, border_width=0.1,
-                features={"positive": np.zeros(0, dtype=bool)},
-                feature_defaults={"positive": self.positive},
-                face_color="positive",
-                face_color_cycle={True: _POSITIVE_COLOUR, False: _NEGATIVE_COLOUR},
-            )
-            layer.mode = "add"
-        return layer
+        return L.points_layer(self.viewer, self.geometry(), self.positive, create=create)
 
     def boxes_layer(self, create: bool = True) -> Any:
-        """The "SAM boxes" Shapes layer (rectangles are boxes)."""
-        layer = self._find(BOXES_NAME, "Shapes")
-        if layer is None and create and self.image_layer is not None:
-            img = self.image_layer
-            layer = self.viewer.add_shapes(
-                ndim=img.ndim, name=BOXES_NAME, scale=img.scale, translate=img.translate,
-                face_color="transparent", edge_color="yellow", edge_width=2,
-            )
-        return layer
+        return L.boxes_layer(self.viewer, self.geometry(), create=create)
 
-    def preview_layer(self) -> Any:
-        """The 2D "SAM preview" Labels layer on the image's (Y, X) grid."""
-        layer = self._find(PREVIEW_NAME, "Labels")
-        shape = self.slice_shape()
-        img = self.image_layer
-        if layer is None or layer.data.shape != shape:
-            from napari.utils.colormaps import DirectLabelColormap
+    def prepare_layers(self) -> None:
+        """Points, boxes and preview layers of the image's dimensionality (one channel).
 
-            if layer is not None:
-                self.viewer.layers.remove(layer)
-            cmap = DirectLabelColormap(color_dict={None: "transparent", 1: "cyan"})
-            layer = self.viewer.add_labels(
-                np.zeros(shape, np.uint8), name=PREVIEW_NAME, opacity=0.5, colormap=cmap,
-                scale=img.scale[-2:], translate=img.translate[-2:],
-            )
-            self.viewer.layers.selection.active = self.points_layer(create=False) or img
-        return layer
+        A prompt layer left from an image of another dimensionality is removed when
+        empty, else renamed (its prompts are kept)."""
+        ndim = len(self.geometry().labels_shape)
+        for name, kind in ((L.POINTS_NAME, "points"), (L.BOXES_NAME, "shapes")):
+            old = L.find(self.viewer, name, kind)
+            if old is not None and old.ndim != ndim:
+                if len(old.data):
+                    old.name = f"{name} ({old.ndim}D)"
+                else:
+                    self.viewer.layers.remove(old)
+        self.points_layer()
+        self.boxes_layer()
+        L.preview_layer(self.viewer, self.geometry())
+
+    def activate_points(self) -> None:
+        """Make "SAM points" the active layer in add mode: the next click adds a point."""
+        layer = self.points_layer(create=self.image_layer is not None)
+        if layer is None:
+            return
+        self.viewer.layers.selection.active = layer
+        layer.mode = "add"
 
     def target_labels(self, create: bool = True) -> Any:
-        """The Labels layer commits go to: the chosen one, else "SAM labels" (created)."""
-        if self.labels_layer is not None and self.labels_layer in self.viewer.layers:
+        """The labels layer commits go to: the chosen one, else "SAM labels" (created)."""
+        geo = self.geometry()
+        layer = None
+        if self.labels_layer is not None and any(
+                same_layer(self.labels_layer, lyr) for lyr in self.viewer.layers):
             layer = self.labels_layer
-        else:
-            layer = self._find(LABELS_NAME, "Labels")
-        img = self.image_layer
-        shape = P.image_data(img).shape
-        if getattr(img, "rgb", False):
-            shape = shape[:-1]
+        if layer is None:
+            layer = L.find(self.viewer, L.LABELS_NAME, "labels")
         if layer is None and create:
-            layer = self.viewer.add_labels(
-                np.zeros(shape, np.uint16), name=LABELS_NAME, scale=img.scale,
-                translate=img.translate, opacity=0.6)
-        if layer is not None and tuple(layer.data.shape) != tuple(shape):
-            raise ValueError(f"labels layer {layer.name!r} has shape {layer.data.shape}, "
-                             f"the image {img.name!r} needs {tuple(shape)}")
-        if layer is not self._history_layer:
-            self.history.clear()
-            self._history_layer = layer
+            layer = L.new_labels_layer(self.viewer, geo)
+        if layer is not None and tuple(layer.data.shape) != geo.labels_shape:
+            raise ValueError(
+                f"labels layer {layer.name!r} has shape {tuple(layer.data.shape)}, but the "
+                f"image {self.image_layer.name!r} needs {geo.labels_shape} (one channel's "
+                "shape): choose another labels layer, or '(new) SAM labels'")
         return layer
 
-    # ------------------------------------------------------------------ prompts
-    def slice_prompts(self) -> P.SlicePrompts | None:
-        """The prompts on the slice in view (None when there is no slice)."""
+    # ------------------------------------------------------------------ preview
+    def slice_prompts(self) -> tuple[tuple[int, ...], SlicePrompts] | None:
         pos = self.current_position()
         if pos is None:
             return None
-        return P.prompts_for_slice(
-            self.image_layer, self.points_layer(create=False), self.boxes_layer(create=False),
-            pos, self.slice_shape(), self.viewer.dims.point)
+        prompts = prompts_for_slice(self.geometry(), self.points_layer(create=False),
+                                    self.boxes_layer(create=False), pos, self.viewer.dims.point)
+        return pos, prompts
 
-    def set_positive(self, positive: bool) -> None:
-        """Polarity of new points; in select mode also of the selected points."""
-        self.positive = bool(positive)
-        layer = self.points_layer(create=False)
-        if layer is None:
-            return
-        layer.feature_defaults = {"positive": self.positive}
-        sel = sorted(layer.selected_data)
-        if sel and layer.mode == "select":  # in add mode the newest point is selected
-            layer.features.loc[sel, "positive"] = self.positive
-            layer.refresh_colors()
+    def request(self) -> Request | None:
+        """The request for the slice in view, or None (the preview is cleared then).
 
-    def shift_click_callback(self, layer: Any, event: Any):
-        """Mouse callback: Shift+click in add mode adds a point of the other polarity."""
-        if layer.mode != "add" or "Shift" not in event.modifiers:
-            return
-        layer.feature_defaults = {"positive": not self.positive}
-        yield
-        while event.type == "mouse_move":
-            yield
-        self._shift_flip = True  # napari adds the point after this callback
-
-    def on_points_added(self, indices: Any) -> None:
-        """Give newly added points the current polarity (flipped after a Shift+click).
-
-        napari copies the features of the selected point into the layer's defaults, so
-        the defaults cannot be trusted: the polarity is set here, after the add.
-        """
-        flip, self._shift_flip = self._shift_flip, False
-        layer = self.points_layer(create=False)
-        if layer is None or "positive" not in layer.features:
-            return
-        n = len(layer.data)  # napari reports added points with negative indices
-        idx = sorted({int(i) % n for i in (indices or ()) if -n <= int(i) < n})
-        if not idx:
-            return
-        value = (not self.positive) if flip else self.positive
-        layer.features.loc[idx, "positive"] = value
-        layer.refresh_colors()
-
-    def clear_prompts(self) -> int:
-        """Remove the prompts of the slice in view; returns how many were removed."""
-        pos = self.current_position()
-        removed = 0
-        if pos is None:
-            return 0
-        pts = self.points_layer(create=False)
-        if pts is not None and len(pts.data):
-            c = P.to_image_coords(self.image_layer, pts, pts.data, self.viewer.dims.point)
-            on = np.flatnonzero(P.rows_on_slice(c, pos))
-            if len(on):
-                pts.selected_data = set(on.tolist())
-                pts.remove_selected()
-                removed += len(on)
-        shp = self.boxes_layer(create=False)
-        if shp is not None and len(shp.data):
-            on = [i for i, v in enumerate(shp.data) if P.rows_on_slice(
-                P.to_image_coords(self.image_layer, shp, v, self.viewer.dims.point), pos).all()]
-            if on:
-                shp.selected_data = set(on)
-                shp.remove_selected()
-                removed += len(on)
-        self._prediction = self._prediction_key = None
-        self.show_mask(None)
-        return removed
-
-    # ------------------------------------------------------------------ prediction
-    def update_preview(self) -> int | None:
-        """Recompute the preview for the slice in view.
-
-        Returns
-        -------
-        int or None
-            The slice index whose embedding is needed first (the caller embeds it and
-            calls again), else None.
+        Objects whose points extend the points of an object shown in the preview (same
+        box, same earlier points) refine from its logits, as SAM's own demo does.
         """
         problem = self.view_problem()
         if problem:
             self.status(problem)
             return None
-        index = self.current_index()
-        prompts = self.slice_prompts()
-        if index is None or prompts is None:
-            self.show_mask(None)
+        found = self.slice_prompts()
+        if found is None:
+            self.clear_preview()
             self.status("The viewer shows no slice of the image here.")
             return None
+        pos, prompts = found
         for msg in prompts.problems:
             self.status(msg)
         if prompts.empty:
-            self._prediction = self._prediction_key = None
-            self.show_mask(None)
+            had_preview = self.answer_shown is not None
+            self.clear_preview()
+            if had_preview and not prompts.problems:  # the preview's status is stale now
+                head = self.where(pos)
+                self.status(f"{head + ': c' if head else 'C'}lick on an object to add a point "
+                            "(Shift+click: negative), or draw a box in SAM boxes.")
             return None
-        seg = self.segmenter
-        if seg is None or not seg.cache.is_cached(index):
-            return index
-        key = (index, prompts.points.tobytes(), prompts.labels.tobytes(),
-               None if prompts.box is None else prompts.box.tobytes())
-        if key != self._prediction_key:
-            n_prompts = len(prompts.points) + (prompts.box is not None)
-            self._prediction = seg.predict(index, multimask=n_prompts == 1,
-                                           **prompts.as_kwargs())
-            self._prediction_key = key
-            self._mask_k = self._prediction.best
-        self.show_mask(self._prediction.mask_at(self._mask_k))
-        if not prompts.problems:
-            self.status(f"Slice {index}: mask {self._mask_k + 1}/{len(self._prediction)} "
-                        f"(score {self._prediction.scores[self._mask_k]:.2f})")
-        return None
+        geo = self.geometry()
+        index = geo.index(pos)
+        objects = tuple(self._refined(index, p) for p in prompts.objects)
+        req = Request(self.settings(), index, pos, objects)
+        if self._last_request is not None and self._last_request.key() == req.key():
+            return None  # nothing changed (a dims event, a re-selection)
+        self._last_request = req
+        return req
 
-    def show_mask(self, mask: np.ndarray | None) -> None:
-        if self.image_layer is None:
-            return
-        layer = self._find(PREVIEW_NAME, "Labels")
-        if mask is None and layer is None:
-            return
-        layer = self.preview_layer()
-        if mask is None:
-            if layer.data.any():
-                layer.data[:] = 0
-                layer.refresh()
-            return
-        layer.data[:] = mask
-        layer.refresh()
+    def _refined(self, index: int, prompt: Prompt) -> Prompt:
+        shown = self.answer_shown
+        if shown is None or shown.request.index != index or prompt.n_points == 0:
+            return prompt
+        for k, old in enumerate(shown.request.objects):
+            same_box = (old.box is None) == (prompt.box is None) and (
+                old.box is None or np.array_equal(old.box, prompt.box))
+            n = old.n_points
+            if (same_box and 0 < n < prompt.n_points
+                    and np.array_equal(old.points, prompt.points[:n])
+                    and np.array_equal(old.labels, prompt.labels[:n])):
+                return prompt.with_mask_input(shown.logits(k))
+        return prompt
 
-    @property
-    def current_mask(self) -> np.ndarray | None:
-        """The mask shown in the preview (None when there is none)."""
-        if self._prediction is None:
+    def warm_up(self) -> Request | None:
+        """A request without objects: the worker loads the model and opens the engine, so
+        that the first click does not wait for it (the prefetcher then embeds the slice)."""
+        if self.view_problem() or self.segmenter is not None:
             return None
-        return self._prediction.mask_at(self._mask_k)
+        pos = self.current_position()
+        if pos is None:
+            return None
+        return Request(self.settings(), self.geometry().index(pos), pos, ())
+
+    def answer(self, req: Request) -> Answer:
+        """Worker thread: build the engine if needed, embed the slice, decode all objects."""
+        seg = self.session.engine(req.settings)
+        if not req.objects:  # a warm-up
+            return Answer(req, [], False)
+        embedded = not seg.is_embedded(req.index, req.objects)
+        if embedded:
+            self.status(f"Embedding {self.where(req.position) or 'the image'} ...")
+        preds = seg.predict_many(req.index, list(req.objects))
+        for p in preds:
+            p.mask_at(p.best)  # upsample here, not on the GUI thread
+        return Answer(req, preds, embedded, [p.best for p in preds])
+
+    def show(self, ans: Answer) -> bool:
+        """GUI thread: show an answer if it is still the newest request; True if shown."""
+        if not ans.request.objects:  # a warm-up: nothing to show
+            return False
+        if self._last_request is None or ans.request.seq != self._last_request.seq:
+            return False
+        if self.current_index() != ans.request.index:
+            return False
+        self.answer_shown = ans
+        L.show_preview(self.viewer, self.geometry(), [ans.mask(k) for k in range(len(ans.predictions))])
+        scores = ", ".join(f"{p.scores[c]:.2f}" for p, c in zip(ans.predictions, ans.chosen))
+        n = len(ans.predictions)
+        what = "1 object" if n == 1 else f"{n} objects"
+        extra = (f", mask {ans.chosen[0] + 1}/{len(ans.predictions[0])} (Shift+M: next)"
+                 if n == 1 and len(ans.predictions[0]) > 1 else "")
+        head = self.where(ans.request.position)
+        head = f"{head}: {what}" if head else what.capitalize()
+        self.status(f"{head} (score {scores}){extra}. Shift+C commits.")
+        return True
+
+    def clear_preview(self) -> None:
+        self.answer_shown = None
+        self._last_request = None
+        L.show_preview(self.viewer, self.geometry(), [])
 
     def cycle_mask(self) -> None:
-        """Show SAM's next candidate mask (single-prompt predictions have three)."""
-        if self._prediction is None:
-            self.status("No prediction to cycle: place a point first.")
+        """Show SAM's next candidate mask of the newest object (a lone click has three)."""
+        ans = self.answer_shown
+        if ans is None:
+            self.status("No preview to cycle: place a point first.")
             return
-        self._mask_k = (self._mask_k + 1) % len(self._prediction)
-        self.show_mask(self.current_mask)
-        self.status(f"Mask {self._mask_k + 1}/{len(self._prediction)} "
-                    f"(score {self._prediction.scores[self._mask_k]:.2f})")
+        k = len(ans.predictions) - 1
+        ans.chosen[k] = (ans.chosen[k] + 1) % len(ans.predictions[k])
+        self.show(ans)
 
     # ------------------------------------------------------------------ labels
-    def commit(self) -> int | None:
-        """Paint the current mask under a new id; returns the id (None if nothing)."""
-        import napari_sam as ns
-
-        mask = self.current_mask
-        if mask is None or self._prediction_key is None:
+    def commit(self) -> list[int]:
+        """Paint every previewed object under a new id (one undo step); returns the ids."""
+        ans = self.answer_shown
+        if ans is None:
             self.status("Nothing to commit: place prompts and wait for the preview.")
-            return None
-        index = self._prediction_key[0]
-        position = self._seg.stack.position(index)
+            return []
         layer = self.target_labels()
-        data = layer.data
-        if not isinstance(data, np.ndarray):
-            raise TypeError(f"labels layer {layer.name!r} is not an in-memory array; "
-                             "choose another labels layer")
-        res = ns.paint(data, mask, overwrite=self.overwrite, index=position)
-        if res.n_pixels == 0:
+        masks = [ans.mask(k) for k in range(len(ans.predictions))]
+        ids = L.paint_objects(layer, ans.request.position, masks, overwrite=self.overwrite,
+                              ids=self.ids)
+        if ids:
+            self.last_committed = ids[-1]
+        where = self.where(ans.request.position)
+        where = f" on {where}" if where else ""
+        self.clear_prompts()
+        self.activate_points()
+        if not ids:
             self.status("Nothing painted: every pixel of the mask is already labelled "
                         "(tick 'Overwrite existing labels' to replace them).")
-            return None
-        self.history.push(res.record)
-        if res.labels is not data:
-            layer.data = res.labels
-        layer.refresh()
-        self.clear_prompts()
-        self.status(f"Committed label {res.label_id} ({res.n_pixels} pixels) on slice {index}.")
-        return res.label_id
+            return []
+        self.status(f"Committed label{'s' if len(ids) > 1 else ''} "
+                    f"{', '.join(map(str, ids))}{where}. Click for the next object.")
+        return ids
 
-    def undo(self) -> bool:
-        """Undo the newest commit."""
-        layer = self._history_layer
-        if layer is None or not self.history.can_undo:
+    def undo(self) -> None:
+        """Undo the newest change of the labels layer (its own history: Ctrl+Z too)."""
+        layer = self.target_labels(create=False)
+        if layer is None or not L.can_undo(layer):
             self.status("Nothing to undo.")
-            return False
-        rec = self.history.undo(layer.data)
-        layer.refresh()
-        self.status(f"Undid label {rec.label_id}.")
-        return True
+            return
+        layer.undo()
+        self.status(f"Undid the last change of {layer.name!r}.")
 
-    def redo(self) -> bool:
-        """Redo the newest undone commit."""
-        layer = self._history_layer
-        if layer is None or not self.history.can_redo:
+    def redo(self) -> None:
+        """Redo the newest undone change of the labels layer."""
+        layer = self.target_labels(create=False)
+        if layer is None or not L.can_redo(layer):
             self.status("Nothing to redo.")
-            return False
-        rec = self.history.redo(layer.data)
-        layer.refresh()
-        self.status(f"Redid label {rec.label_id}.")
-        return True
+            return
+        layer.redo()
+        self.status(f"Redid the last change of {layer.name!r}.")
+
+    def clear_prompts(self) -> int:
+        """Remove the prompts of the slice in view; returns how many were removed."""
+        pos = self.current_position()
+        removed = 0
+        if pos is not None:
+            geo, point = self.geometry(), self.viewer.dims.point
+            for layer in (self.points_layer(create=False), self.boxes_layer(create=False)):
+                if layer is not None and len(layer.data):
+                    removed += L.remove_on_slice(layer, geo, pos, point)
+        self.clear_preview()
+        return removed
+
+    # ------------------------------------------------------------------ polarity
+    def set_positive(self, positive: bool) -> None:
+        """Polarity of new points; in select mode also of the selected points."""
+        self.positive = bool(positive)
+        L.set_polarity(self.points_layer(create=False), self.positive)
+
+    def on_points_added(self, indices: Any, *, flip: bool = False) -> None:
+        """Give newly added points the current polarity (the other one after Shift+click)."""
+        L.mark_added(self.points_layer(create=False), indices,
+                     (not self.positive) if flip else self.positive)

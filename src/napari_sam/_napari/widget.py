@@ -1,329 +1,375 @@
-"""The napari-sam dock widget: the Qt skin over :class:`~.controller.SamController`.
+"""The napari-sam dock widget: a magicgui form over :class:`~.controller.SamController`.
 
-Workflow: choose an image layer; click points on the slice in view into "SAM points"
-(green = positive, red = negative) and/or draw a rectangle into "SAM boxes"; the
-"SAM preview" layer shows SAM's mask at once; commit it into the labels layer.
+Workflow: the widget opens with "SAM points" active in add mode, so the first click on
+the image adds a point; "SAM preview" shows SAM's mask; Shift+C commits it into the labels
+layer, and "SAM points" is active again for the next object. Rectangles drawn in "SAM
+boxes" are objects of their own (several boxes: several objects, one decoder call).
 
-Keyboard shortcuts (bound on the viewer, so they work whichever layer is selected unless
-that layer binds the same key; none of napari's defaults use them):
+Decoding never runs on the GUI thread: a click is answered by one background thread
+(:class:`~.workers.LatestWorker`; the newest click wins), and the volume tools run as
+:class:`~.workers.Job` with progress and Cancel. ``synchronous=True`` runs both inline
+(scripts and tests that check results rather than threading).
+
+Keyboard shortcuts (bound on the viewer; none of napari's defaults use them):
 
 ========  ===============================================================
 N         toggle the polarity of new points (in select mode: of the selected ones)
-Shift+C   commit the previewed object under a new label id
+Shift+C   commit the previewed object(s) under new label ids
 Shift+X   clear the prompts of the slice in view
-Shift+M   cycle SAM's candidate masks (single-prompt predictions)
-Shift+Z   undo the last commit (the widget's own history)
-Shift+Y   redo the last undone commit
+Shift+M   cycle SAM's candidate masks (a lone click has three)
+Shift+Z   undo the last change of the labels layer (napari's Ctrl+Z does the same)
+Shift+Y   redo
 ========  ===============================================================
-
-Shift+click in the points layer's add mode adds a point of the other polarity.
-
-Embedding (and model loading) runs off the GUI thread in napari's ``thread_worker``
-with a progress bar and a Cancel button; ``synchronous=True`` runs the same generators
-inline (tests, scripts).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from qtpy.QtCore import QTimer, Signal
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QGridLayout,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QProgressBar,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from magicgui.widgets import Container, PushButton
+from qtpy.QtCore import QTimer
 
-from .controller import (
-    BOXES_NAME,
-    CACHE_MEMORY,
-    CACHE_NEXT_TO_IMAGE,
-    CACHE_PATH,
-    LABELS_NAME,
-    POINTS_NAME,
-    PREVIEW_NAME,
-    SamController,
-)
+from . import sam_layers as L
+from . import tools
+from .controller import SamController
+from .form import Messages, build_form
+from .geometry import ImageGeometry, guess_channel_axis, same_layer, unwrap
+from .tool_actions import ToolActions
+from .workers import Job, LatestWorker
 
 __all__ = ["SHORTCUTS", "SamWidget"]
 
 #: key (napari spelling) -> (widget method name, description)
 SHORTCUTS = {
     "N": ("toggle_polarity", "toggle positive / negative for new points (select mode: selected points)"),
-    "Shift-C": ("commit", "commit the previewed object under a new label"),
+    "Shift-C": ("commit", "commit the preview under new label ids"),
     "Shift-X": ("clear_prompts", "clear the prompts of the slice in view"),
     "Shift-M": ("cycle_mask", "show SAM's next candidate mask"),
-    "Shift-Z": ("undo", "undo the last commit"),
-    "Shift-Y": ("redo", "redo the last undone commit"),
+    "Shift-Z": ("undo", "undo the last change of the labels layer"),
+    "Shift-Y": ("redo", "redo the last undone change"),
 }
-_NEW_LABELS = f"(new) {LABELS_NAME}"
-_CACHE_CHOICES = [("memory only", CACHE_MEMORY),
-                  ("next to image file (<image>.embeddings.zarr)", CACHE_NEXT_TO_IMAGE),
-                  ("custom path", CACHE_PATH)]
+HINT = ("Click on the image to add a point to an object (Shift+click: a negative point), or "
+        "draw rectangles in SAM boxes. Shift+C commits, Shift+Z undoes.")
 
 
-class SamWidget(QWidget):
+class SamWidget(ToolActions, Container):
     """Dock widget for interactive Segment Anything on nD image stacks.
 
     Parameters
     ----------
     napari_viewer : napari.Viewer
-        The viewer (injected by napari).
+        The viewer (napari hands plugins a proxy of it).
     synchronous : bool
-        Run embedding and model loading inline instead of in a worker thread (tests).
+        Decode and run tools inline instead of in background threads.
     """
 
-    status_changed = Signal(str)
-
     def __init__(self, napari_viewer: Any, *, synchronous: bool = False) -> None:
-        super().__init__()
-        import napari_sam as ns
-
+        super().__init__(labels=False)
         self.viewer = napari_viewer
         self.synchronous = synchronous
-        self.ctrl = SamController(napari_viewer, status=self.status_changed.emit)
-        self._workers: list[Any] = []
-        self._pending: set[int] = set()  # slices queued in interactive jobs
+        self.messages = Messages(self)
+        self.ctrl = SamController(napari_viewer, status=self.messages.status_from_any_thread)
+        self.decoder = LatestWorker(self.ctrl.answer, self._on_answer, synchronous=synchronous)
+        self.job: Job | None = None
         self._hooked: set[int] = set()
+        self._shift_flip = False
         self._resetting = False
-        self._timer = QTimer(self)
+        self._closed = False
+        self._before_loading = ""
+        self._timer = QTimer()
         self._timer.setSingleShot(True)
         self._timer.timeout.connect(self.refresh)
+        build_form(self)  # the magicgui widgets as attributes (form.py)
+        self.messages.status(HINT)
+        self._connect()
+        self.reset_choices()
+        if self.ctrl.image_layer is None:
+            self.messages.status(f"Open an image, or choose one under Image. {HINT}")
 
-        # ---- widgets
-        self.image_combo = QComboBox()
-        self.model_combo = QComboBox()
-        self.model_combo.setEditable(True)
-        self.model_combo.addItems(ns.list_models())
-        self.model_combo.setCurrentText(self.ctrl.model_spec)
-        self.model_combo.setToolTip("Registry name or SAM checkpoint file "
-                                    "(default: $NAPARI_SAM_MODEL, else vit_b)")
-        model_browse = QPushButton("...")
-        model_browse.setToolTip("Choose a SAM checkpoint file")
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
-        self.cache_combo = QComboBox()
-        for text, _ in _CACHE_CHOICES:
-            self.cache_combo.addItem(text)
-        self.cache_edit = QLineEdit()
-        self.cache_edit.setPlaceholderText("embeddings .zarr folder")
-        self.cache_edit.setEnabled(False)
-        self.labels_combo = QComboBox()
-        self.positive_check = QCheckBox("New points are positive (N)")
-        self.positive_check.setChecked(True)
-        self.overwrite_check = QCheckBox("Overwrite existing labels")
-        self.prefetch_check = QCheckBox("Prefetch next slices")
-        self.prefetch_check.setChecked(True)
-
-        self.commit_btn = QPushButton("Commit (Shift+C)")
-        self.clear_btn = QPushButton("Clear (Shift+X)")
-        self.mask_btn = QPushButton("Next mask (Shift+M)")
-        self.undo_btn = QPushButton("Undo (Shift+Z)")
-        self.redo_btn = QPushButton("Redo (Shift+Y)")
-        self.embed_btn = QPushButton("Embed slice in view")
-        self.from_spin, self.to_spin = QSpinBox(), QSpinBox()
-        self.precompute_btn = QPushButton("Precompute")
-        self.precompute_btn.setToolTip("Embed the slices from..to (inclusive) in the background")
-        self.propagate_btn = QPushButton("Propagate through slices")
-        self.propagate_btn.setEnabled(False)
-        self.propagate_btn.setToolTip("Not available yet: propagation of an object through "
-                                      "the slices of a volume comes with the volumes feature")
-        self.progress = QProgressBar()
-        self.progress.setVisible(False)
-        self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setVisible(False)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
-        help_text = "<br>".join(f"<b>{k.replace('-', '+')}</b>: {d}"
-                                for k, (_, d) in SHORTCUTS.items())
-        help_label = QLabel(help_text + "<br><b>Shift+click</b>: point of the other polarity")
-        help_label.setWordWrap(True)
-
-        # ---- layout
-        form = QFormLayout()
-        form.addRow("Image", self.image_combo)
-        row = QHBoxLayout()
-        row.addWidget(self.model_combo, 1)
-        row.addWidget(model_browse)
-        form.addRow("Model", row)
-        form.addRow("Device", self.device_combo)
-        form.addRow("Embeddings", self.cache_combo)
-        form.addRow("", self.cache_edit)
-        form.addRow("Labels", self.labels_combo)
-        grid = QGridLayout()
-        grid.addWidget(self.commit_btn, 0, 0)
-        grid.addWidget(self.clear_btn, 0, 1)
-        grid.addWidget(self.mask_btn, 1, 0)
-        grid.addWidget(self.undo_btn, 2, 0)
-        grid.addWidget(self.redo_btn, 2, 1)
-        grid.addWidget(self.embed_btn, 1, 1)
-        pre = QHBoxLayout()
-        pre.addWidget(QLabel("Slices"))
-        pre.addWidget(self.from_spin)
-        pre.addWidget(QLabel("to"))
-        pre.addWidget(self.to_spin)
-        pre.addWidget(self.precompute_btn)
-        prog = QHBoxLayout()
-        prog.addWidget(self.progress, 1)
-        prog.addWidget(self.cancel_btn)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        for w in (self.positive_check, self.overwrite_check, self.prefetch_check):
-            layout.addWidget(w)
-        layout.addLayout(grid)
-        layout.addLayout(pre)
-        layout.addWidget(self.propagate_btn)
-        layout.addLayout(prog)
-        layout.addWidget(self.status_label)
-        layout.addWidget(help_label)
-        layout.addStretch(1)
-
-        # ---- signals
-        self.status_changed.connect(self._show_status)
-        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
-        self.labels_combo.currentIndexChanged.connect(self._on_labels_changed)
-        self.model_combo.currentTextChanged.connect(self._on_model_changed)
-        model_browse.clicked.connect(self._browse_model)
-        self.device_combo.currentTextChanged.connect(self._on_model_changed)
-        self.cache_combo.currentIndexChanged.connect(self._on_cache_changed)
-        self.cache_edit.editingFinished.connect(self._on_cache_changed)
-        self.positive_check.toggled.connect(self._on_positive)
-        self.overwrite_check.toggled.connect(lambda v: setattr(self.ctrl, "overwrite", bool(v)))
-        for btn, slot in ((self.commit_btn, self.commit), (self.clear_btn, self.clear_prompts),
-                          (self.mask_btn, self.cycle_mask), (self.undo_btn, self.undo),
-                          (self.redo_btn, self.redo), (self.embed_btn, self.embed_current),
-                          (self.precompute_btn, self.precompute), (self.cancel_btn, self.cancel)):
-            btn.clicked.connect(slot)
-        layers = self.viewer.layers.events
-        for ev in (layers.inserted, layers.removed, layers.reordered):
-            ev.connect(self.reset_choices)
+    # ------------------------------------------------------------------ wiring
+    def _connect(self) -> None:
+        self.image.changed.connect(self._on_image)
+        self.channels.changed.connect(self._on_channels)
+        self.channel_axis.changed.connect(self._on_channel_axis)
+        self.labels.changed.connect(self._on_labels)
+        for w in (self.model, self.device):
+            w.changed.connect(self._on_engine_settings)
+        for w in (self.cache, self.cache_folder, self.tile_above):
+            w.changed.connect(self._on_engine_settings)
+        self.positive.changed.connect(self._on_positive)
+        self.overwrite.changed.connect(lambda v: setattr(self.ctrl, "overwrite", bool(v)))
+        buttons: dict[PushButton, Callable[[], Any]] = {
+            self.commit_btn: self.commit, self.clear_btn: self.clear_prompts,
+            self.mask_btn: self.cycle_mask, self.undo_btn: self.undo, self.redo_btn: self.redo,
+            self.propagate_btn: self.propagate, self.everything_btn: self.segment_everything,
+            self.refine_btn: self.refine_label, self.precompute_btn: self.precompute,
+            self.cancel_btn: self.cancel, self.browse_btn: self._browse_model,
+        }
+        for btn, slot in buttons.items():
+            btn.changed.connect(lambda *_, s=slot: s())
+        self.axis.changed.connect(self._on_axis)
         dims = self.viewer.dims.events
-        for ev in (dims.current_step, dims.ndisplay, dims.order):
-            ev.connect(self._schedule)
+        self._viewer_events = [(self.viewer.layers.events.removed, self._on_layer_removed)] + [
+            (ev, self._schedule) for ev in (dims.current_step, dims.ndisplay, dims.order)]
+        for ev, slot in self._viewer_events:
+            ev.connect(slot)
         for key, (name, _) in SHORTCUTS.items():
             self.viewer.bind_key(key, self._key_handler(name), overwrite=True)
-        self.reset_choices()
+        self.native.destroyed.connect(self._teardown)
+
+    def _teardown(self, *args: Any) -> None:
+        """The dock widget is gone: stop listening to the viewer and stop background work."""
+        self._closed = True
+        try:
+            self._timer.stop()
+        except RuntimeError:  # Qt deleted it already
+            pass
+        for ev, slot in self._viewer_events:
+            try:
+                ev.disconnect(slot)
+            except Exception:  # noqa: BLE001, S110 - the viewer is gone too
+                pass
+        self.decoder.stop()
+        if self.job is not None:
+            self.job.cancel()
+        self.ctrl.session.close()
+
+    def _key_handler(self, name: str) -> Callable[[Any], None]:
+        def handler(viewer: Any) -> None:
+            getattr(self, name)()
+        handler.__doc__ = next(d for n, d in SHORTCUTS.values() if n == name)
+        return handler
 
     # ------------------------------------------------------------------ choices
-    def reset_choices(self, event: Any = None) -> None:
-        """Refill the layer choosers (called when layers are added or removed)."""
+    def reset_choices(self, *args: Any) -> None:
+        """Refill the layer choices (napari calls this when layers change)."""
         if self._resetting:
             return
         self._resetting = True
         try:
-            images = [l for l in self.viewer.layers if type(l).__name__ == "Image"]
-            current = self.ctrl.image_layer
-            self.image_combo.clear()
-            self.image_combo.addItems([l.name for l in images])
-            if current in images:
-                self.image_combo.setCurrentIndex(images.index(current))
-            labels = [l for l in self.viewer.layers if type(l).__name__ == "Labels"
-                      and l.name not in (PREVIEW_NAME, LABELS_NAME)]
-            self._labels_choices = [None] + labels
-            chosen = self.ctrl.labels_layer
-            self.labels_combo.clear()
-            self.labels_combo.addItems([_NEW_LABELS] + [l.name for l in labels])
-            if chosen in labels:
-                self.labels_combo.setCurrentIndex(labels.index(chosen) + 1)
+            super().reset_choices()
         finally:
             self._resetting = False
-        new = images[self.image_combo.currentIndex()] if images else None
-        if new is not current:
-            self._set_image(new)
-        else:
-            self._on_labels_changed()
+        self._on_image(self.image.value)
+
+    # ------------------------------------------------------------------ layer changes
+    def _on_image(self, layer: Any) -> None:
+        if self._resetting:
+            return
+        gone = self.ctrl.image_gone()  # says so in the status line
+        if gone and layer is None:
+            return
+        if same_layer(layer, self.ctrl.image_layer) or (layer is None and self.ctrl.image_layer is None):
             self._hook_prompt_layers()
-
-    def _on_image_changed(self, index: int) -> None:
-        if self._resetting:
             return
-        images = [l for l in self.viewer.layers if type(l).__name__ == "Image"]
-        self._set_image(images[index] if 0 <= index < len(images) else None)
-
-    def _set_image(self, layer: Any) -> None:
         self.ctrl.image_layer = layer
-        if layer is None:
-            self._show_status("Open or choose an image layer.")
-            return
-        n = self.ctrl.n_slices()
-        for spin in (self.from_spin, self.to_spin):
-            spin.setRange(0, n - 1)
-        self.to_spin.setValue(n - 1)
+        guess = None if layer is None else guess_channel_axis(layer)
         self._resetting = True
         try:
-            self.ctrl.points_layer()
-            self.ctrl.boxes_layer()
+            self.channel_axis.value = guess is not None
         finally:
             self._resetting = False
-        self.reset_choices()
+        self.channel_axis.visible = guess is not None
+        self._set_channel_axis(guess)
+        if layer is None:
+            self.messages.status("Open an image, or choose one under Image.")
+            return
+        if gone:
+            self.messages.status(f"{self.messages.last_status} Now segmenting {layer.name!r}.")
+        elif guess is not None:
+            self.messages.status(
+                f"{layer.name!r} has {ImageGeometry(layer).shape[0]} entries on its first axis: "
+                "SAM sees them as channels (channel 0 now). Choose one channel, or up to three "
+                "as RGB, under Channels; untick 'First axis: channels' if they are slices.")
+        self._prepare_prompt_layers()
+
+    def _on_channel_axis(self, value: bool) -> None:
+        if self._resetting or self.ctrl.image_layer is None:
+            return
+        self._set_channel_axis(0 if value else None)
+        self._prepare_prompt_layers()
+
+    def _set_channel_axis(self, axis: int | None) -> None:
+        """Use data axis ``axis`` (0 or None) as channels; resets the channel choice."""
+        self.ctrl.channel_axis = axis
+        self.ctrl.composite = []
+        self.ctrl.channels = (0,)
+        self.ctrl.clear_preview()
+        self.channels.reset_choices()
+        self.channels.visible = bool(self.channels.choices)
+        if axis is not None:
+            self.channels.value = [0]
+        self._update_axes()
+
+    def _prepare_prompt_layers(self) -> None:
+        """SAM layers for the image, "SAM points" active in add mode; then a refresh."""
+        self.ctrl.prepare_layers()
         self._hook_prompt_layers()
+        self.ctrl.activate_points()
         self._schedule()
+
+    def _on_channels(self, values: Any) -> None:
+        values = [v for v in (values or []) if v is not None]
+        if self.ctrl.channel_axis is not None:
+            picked = tuple(int(v) for v in values)[:3] or (0,)
+            if len(values) > 3:
+                self.messages.status("SAM sees at most three channels (as RGB): using the first three.")
+            self.ctrl.channels = picked
+        else:
+            self.ctrl.composite = list(values)[:2]
+        self.ctrl.clear_preview()
+        self._schedule()
+
+    def _on_labels(self, layer: Any) -> None:
+        if not self._resetting:
+            self.ctrl.labels_layer = layer
+
+    def _on_engine_settings(self, *args: Any) -> None:
+        self.ctrl.model_spec = str(self.model.value)
+        dev = str(self.device.value)
+        self.ctrl.device = None if dev == "auto" else dev
+        self.ctrl.cache_mode = str(self.cache.value)
+        self.cache_folder.visible = self.ctrl.cache_mode == "path"
+        self.ctrl.cache_path = str(self.cache_folder.value) if self.ctrl.cache_mode == "path" else None
+        self.ctrl.tile_above = int(self.tile_above.value)
+        settings = self.ctrl.settings()
+        if self.ctrl.cache_mode == "next to image" and settings and settings.store() is None:
+            self.messages.status("The image has no file: embeddings stay in memory.")
+        self.ctrl.clear_preview()
+        self._schedule()
+
+    def _on_layer_removed(self, event: Any = None) -> None:
+        if self.ctrl.image_gone():
+            self.decoder.stop()
+            self.ctrl.clear_preview()
+            self.messages.status(f"{self.messages.last_status} Prompting is paused.")
 
     def _hook_prompt_layers(self) -> None:
         for layer in (self.ctrl.points_layer(create=False), self.ctrl.boxes_layer(create=False)):
-            if layer is None or id(layer) in self._hooked:
+            if layer is None or id(unwrap(layer)) in self._hooked:
                 continue
-            self._hooked.add(id(layer))
+            self._hooked.add(id(unwrap(layer)))
             layer.events.data.connect(self._on_prompts_changed)
-            if layer.name == POINTS_NAME:
-                layer.feature_defaults = {"positive": self.ctrl.positive}
-                layer.mouse_drag_callbacks.insert(0, self.ctrl.shift_click_callback)
+            if layer.name == L.POINTS_NAME:
+                layer.mouse_drag_callbacks.insert(0, self._shift_click)
 
-    def _on_labels_changed(self, index: int | None = None) -> None:
-        if self._resetting:
+    def _on_axis(self, *args: Any) -> None:
+        self._update_axes(keep_axis=True)
+
+    def _update_axes(self, keep_axis: bool = False) -> None:
+        geo = self.ctrl.geometry()
+        names = geo.axis_names() if geo is not None else []
+        if not keep_axis:
+            self.axis.reset_choices()
+            if names:
+                z = [k for k, n in enumerate(names) if n.upper() == "Z"]
+                self.axis.value = z[0] if z else len(names) - 1
+        self.volume_box.enabled = geo is not None
+        k = self.axis.value
+        n = geo.slice_dims[k] if geo is not None and k is not None and geo.slice_dims else 1
+        for spin in (self.from_spin, self.to_spin):
+            spin.max = max(n - 1, 0)
+        self.from_spin.value, self.to_spin.value = 0, max(n - 1, 0)
+
+    # ------------------------------------------------------------------ prompts
+    def _shift_click(self, layer: Any, event: Any):
+        """Shift+click in add mode adds a point of the other polarity."""
+        if layer.mode != "add" or "Shift" not in event.modifiers:
             return
-        i = self.labels_combo.currentIndex()
-        choices = getattr(self, "_labels_choices", [None])
-        self.ctrl.labels_layer = choices[i] if 0 <= i < len(choices) else None
+        yield
+        while event.type == "mouse_move":
+            yield
+        self._shift_flip = True  # napari adds the point after this callback
 
-    def _on_model_changed(self, *args: Any) -> None:
-        self.ctrl.model_spec = self.model_combo.currentText().strip()
-        dev = self.device_combo.currentText()
-        self.ctrl.device = None if dev == "auto" else dev
-
-    def _browse_model(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "SAM checkpoint", "",
-                                              "Checkpoints (*.pth *.pt *.bin);;All files (*)")
-        if path:
-            self.model_combo.setCurrentText(path)
-
-    def _on_cache_changed(self, *args: Any) -> None:
-        mode = _CACHE_CHOICES[self.cache_combo.currentIndex()][1]
-        self.cache_edit.setEnabled(mode == CACHE_PATH)
-        self.ctrl.cache_mode = mode
-        self.ctrl.cache_path = self.cache_edit.text().strip() or None
-        if mode == CACHE_NEXT_TO_IMAGE and self.ctrl.image_layer is not None \
-                and self.ctrl.cache_target() is None:
-            self._show_status("The image has no file: embeddings stay in memory.")
+    def _on_prompts_changed(self, event: Any = None) -> None:
+        action = str(getattr(event, "action", "") or "").lower()
+        if action.endswith(("adding", "changing", "removing")):
+            return
+        if action.endswith("added") and same_layer(event.source, self.ctrl.points_layer(False)):
+            flip, self._shift_flip = self._shift_flip, False
+            self.ctrl.on_points_added(getattr(event, "data_indices", ()), flip=flip)
+        self._schedule()
 
     def _on_positive(self, value: bool) -> None:
         self.ctrl.set_positive(bool(value))
         self._schedule()
 
-    # ------------------------------------------------------------------ actions
-    def _key_handler(self, name: str) -> Callable[[Any], None]:
-        def handler(viewer: Any) -> None:
-            getattr(self, name)()
-        handler.__doc__ = SHORTCUTS[next(k for k, v in SHORTCUTS.items() if v[0] == name)][1]
-        return handler
-
     def toggle_polarity(self) -> None:
-        """Switch new (and selected) points between positive and negative."""
-        self.positive_check.setChecked(not self.positive_check.isChecked())
+        """Switch new (and, in select mode, selected) points between positive and negative."""
+        self.positive.value = not self.positive.value
 
-    def commit(self) -> int | None:
-        """Commit the previewed mask as a new label; returns its id."""
+    # ------------------------------------------------------------------ preview
+    def _schedule(self, event: Any = None) -> None:
+        if self.synchronous:
+            self.refresh()
+        else:
+            self._timer.start(0)  # coalesce the events of one user action
+
+    def refresh(self) -> None:
+        """Ask the engine for the preview of the slice in view (answered in the background)."""
+        try:
+            if self.ctrl.image_gone():
+                return
+            req = self.ctrl.request()
+        except Exception as exc:  # noqa: BLE001 - shown to the user, never raised into Qt
+            self.messages.error(exc)
+            return
+        self._prefetch()
+        if req is None and self.decoder.idle:
+            req = self.ctrl.warm_up()
+            if req is not None:
+                self._before_loading = self.messages.last_status
+                self.messages.status(f"Loading model {self.ctrl.model_spec} ... (you can click "
+                                     "already)")
+                self.messages.busy(True)
+        if req is not None:
+            seg = self.ctrl.segmenter
+            if seg is None or not seg.is_embedded(req.index, req.objects):
+                self.messages.busy(True)
+            self.decoder.submit(req)
+
+    def _on_answer(self, req: Any, ans: Any, error: BaseException | None) -> None:
+        if self._closed:
+            return
+        self.messages.busy(self.job is not None and self.job.running)
+        if error is not None:
+            if req is self.ctrl._last_request or self.synchronous:
+                self.messages.error(error)
+            return
+        if not req.objects:  # the warm-up: the model is loaded
+            if self.messages.last_status.startswith("Loading model"):
+                self.messages.status(self._before_loading or HINT)
+            self._prefetch()
+            return
+        if self.ctrl.show(ans):
+            self.messages.ok()
+        if ans.embedded:
+            self._prefetch()
+
+    def _prefetch(self) -> None:
+        """The slice in view and its next ones in the direction of travel, in the background."""
+        seg = self.ctrl.segmenter
+        idx = self.ctrl.current_index()
+        if seg is not None and idx is not None and self.prefetch.value:
+            seg.prefetch(around=idx)
+
+    # ------------------------------------------------------------------ actions
+    def _guard(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - shown to the user, never raised into Qt
+            self.messages.error(exc)
+            if self.synchronous and not isinstance(exc, (tools.ToolError, ValueError)):
+                raise
+            return None
+
+    def commit(self) -> list[int] | None:
+        """Commit the previewed objects under new label ids; returns the ids."""
+        self.decoder.wait(60)
+        from qtpy.QtWidgets import QApplication
+
+        QApplication.processEvents()  # deliver an answer that arrived meanwhile
         return self._guard(self.ctrl.commit)
 
     def clear_prompts(self) -> None:
@@ -335,166 +381,34 @@ class SamWidget(QWidget):
         self._guard(self.ctrl.cycle_mask)
 
     def undo(self) -> None:
-        """Undo the newest commit."""
+        """Undo the newest change of the labels layer."""
         self._guard(self.ctrl.undo)
 
     def redo(self) -> None:
-        """Redo the newest undone commit."""
+        """Redo the newest undone change."""
         self._guard(self.ctrl.redo)
 
-    def _guard(self, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except Exception as exc:  # shown to the user, never raised into Qt
-            self._show_status(f"Error: {exc}")
-            if self.synchronous:
-                raise
-            return None
+    def _browse_model(self) -> None:
+        from qtpy.QtWidgets import QFileDialog
 
-    # ------------------------------------------------------------------ preview
-    def _on_prompts_changed(self, event: Any = None) -> None:
-        action = str(getattr(event, "action", "") or "")
-        if action.endswith(("adding", "changing", "removing")) or action.lower() in (
-                "adding", "changing", "removing"):
-            return
-        if action.lower().endswith("added") and event.source is self.ctrl.points_layer(False):
-            self.ctrl.on_points_added(getattr(event, "data_indices", ()))
-        self._schedule()
+        path, _ = QFileDialog.getOpenFileName(self.native, "SAM checkpoint", "",
+                                              "Checkpoints (*.pth *.pt *.bin);;All files (*)")
+        if path:
+            self.set_model(path)
 
-    def _schedule(self, event: Any = None) -> None:
-        if self.synchronous:
-            self.refresh()
-        else:
-            self._timer.start(30)
-
-    def refresh(self) -> None:
-        """Update the preview for the slice in view; embed it first when needed."""
-        need = self._guard(self.ctrl.update_preview)
-        if need is None:
-            self._prefetch()
-        elif need not in self._pending:  # the prefetch follows once it is embedded
-            self._embed([need], interactive=True)
-
-    def _prefetch(self) -> None:
-        """Queue the slice in view and its next ones (direction of travel) in the engine's
-        background prefetcher (lower CPU priority; a newer request replaces the queue)."""
-        if not self.prefetch_check.isChecked() or not self.ctrl.engine_ready():
-            return
-        idx = self.ctrl.current_index()
-        if idx is not None:
-            self.ctrl.segmenter.prefetch(around=idx)
-
-    # ------------------------------------------------------------------ workers
-    def embed_current(self) -> Any:
-        """Embed the slice in view in the background (its neighbours follow, see prefetch)."""
-        idx = self.ctrl.current_index()
-        if idx is None:
-            self._show_status("No slice of the image in view.")
-            return None
-        return self._embed([idx], interactive=True)
-
-    def precompute(self) -> Any:
-        """Embed the slices from..to (inclusive) in the background (into the store)."""
-        lo, hi = sorted((self.from_spin.value(), self.to_spin.value()))
-        return self._embed(list(range(lo, hi + 1)), interactive=False)
-
-    def cancel(self) -> None:
-        """Stop every running embedding job after the slice it is working on."""
-        for worker in list(self._workers):
-            worker.quit()
-        self._pending.clear()
-        if self.ctrl.engine_ready():
-            self.ctrl.segmenter.cache.cancel_prefetch()
-        self._show_status("Cancelling after the current slice ...")
-
-    def _embed(self, indices: list[int], *, interactive: bool) -> Any:
-        if self.ctrl.image_layer is None:
-            self._show_status("Choose an image layer first.")
-            return None
-        if interactive:
-            self._pending.update(indices)
-        gen = self.ctrl.embed_job(indices, interactive=interactive)
-        return self.run_job(gen, on_done=self._job_done if interactive else None)
-
-    def run_job(self, gen: Iterator[tuple], *, on_done: Callable[[], None] | None = None) -> Any:
-        """Run an :meth:`SamController.embed_job` generator in a ``thread_worker``.
-
-        Returns the worker (None when :attr:`synchronous`, where the job runs inline).
-        """
-        if self.synchronous:
-            try:
-                for item in gen:
-                    self._on_item(item)
-            finally:
-                self._pending.clear()
-            self._finish_progress()
-            if on_done:
-                on_done()
-            return None
-        from napari.qt.threading import create_worker
-
-        def job():
-            yield from gen
-
-        worker = create_worker(job, _start_thread=False)
-        worker.yielded.connect(self._on_item)
-        worker.errored.connect(lambda exc: self._show_status(f"Error: {exc}"))
-        worker.finished.connect(lambda: self._worker_done(worker, on_done))
-        self._workers.append(worker)
-        self.progress.setVisible(True)
-        self.cancel_btn.setVisible(True)
-        worker.start()
-        return worker
-
-    def _on_item(self, item: tuple) -> None:
-        kind, done, total, index = item
-        self.progress.setVisible(True)
-        self.cancel_btn.setVisible(not self.synchronous)
-        self.progress.setRange(0, max(total, 1))
-        self.progress.setValue(done)
-        if kind == "ready":
-            self._show_status(f"Embedding {total} slice(s) with {self.ctrl.model_spec} ...")
-        else:
-            self._pending.discard(index)
-            if self.ctrl.current_index() == index:
-                self.refresh()
-
-    def _worker_done(self, worker: Any, on_done: Callable[[], None] | None) -> None:
-        if worker in self._workers:
-            self._workers.remove(worker)
-        if not self._workers:
-            self._pending.clear()
-            self._finish_progress()
-        if on_done:
-            on_done()
-
-    def _job_done(self) -> None:
-        # the slice in view may have changed while the job ran
-        if self.ctrl.engine_ready():
-            idx = self.ctrl.current_index()
-            if idx is not None and self.ctrl.segmenter.cache.is_cached(idx):
-                self._guard(self.ctrl.update_preview)
-            self._prefetch()
-
-    def _finish_progress(self) -> None:
-        self.progress.setVisible(False)
-        self.cancel_btn.setVisible(False)
+    def set_model(self, spec: str) -> None:
+        """Use a registry name or a checkpoint file (added to the model choices)."""
+        if spec not in self._model_specs:
+            self._model_specs.append(spec)
+            self.model.reset_choices()
+        self.model.value = spec
 
     @property
     def busy(self) -> bool:
-        """True while a background job runs."""
-        return bool(self._workers)
+        """True while a click is being answered or a tool runs."""
+        return self.decoder.busy or bool(self.job is not None and self.job.running)
 
-    def _show_status(self, msg: str) -> None:
-        self.status_label.setText(msg)
-        try:
-            self.viewer.status = f"SAM: {msg}"
-        except Exception:  # noqa: BLE001, S110 - the viewer is closing
-            pass
+    def close(self) -> None:
+        self._teardown()
+        super().close()
 
-    def closeEvent(self, event: Any) -> None:
-        self.cancel()
-        super().closeEvent(event)
-
-
-__all__ += ["BOXES_NAME", "POINTS_NAME"]
