@@ -160,3 +160,35 @@ def test_folder_of_images(tiny_checkpoint, tiny_model, stack3d, tmp_path):
         expected = ns.Segmenter(tiny_model, stack, speed=BATCH_SPEED).segment(z, points=[[y, x]])
         np.testing.assert_array_equal(labels[z] == 1, expected)
         assert not np.delete(labels, z, axis=0).any()
+
+
+def test_segment_tiles_large_slices(tiny_checkpoint, tiny_model, tmp_path):
+    """Slices longer than --tile-above px are segmented on full-resolution tiles."""
+    rng = np.random.default_rng(9)
+    img = rng.normal(100, 5, (1, 1400, 1300))
+    img[0, 200:240, 900:950] += 900
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, img.astype(np.uint16), metadata={"axes": "ZYX"}, photometric="minisblack")
+    csv = _napari_points_csv(tmp_path / "p.csv", [(0, 220, 925, 1), (0, 1300, 100, 1)])
+    out = tmp_path / "big_labels.tif"
+    installed = str(Path(sys.executable).with_name("napari-sam"))
+    done = subprocess.run([installed, "segment", str(path), "--prompts", str(csv), "--out", str(out),
+                           "--checkpoint", str(tiny_checkpoint), "--device", "cpu",
+                           "--tile-above", "1024", "-q"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    labels = tifffile.imread(out)
+    seg = ns.TiledSegmenter(tiny_model, ns.open_stack(path), speed=BATCH_SPEED)
+    a = seg.segment(0, points=[[220, 925]])
+    b = seg.segment(0, points=[[1300, 100]])
+    assert a.any() and b.any()
+    expected = np.where(a, 1, np.where(b, 2, 0))
+    np.testing.assert_array_equal(labels.reshape(expected.shape), expected)
+    # whole slices when asked: the job's signature differs, so the output is not reused
+    out2 = tmp_path / "whole.tif"
+    done = subprocess.run([installed, "segment", str(path), "--prompts", str(csv), "--out", str(out2),
+                           "--checkpoint", str(tiny_checkpoint), "--device", "cpu",
+                           "--tile-above", "0", "-q"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    whole = ns.Segmenter(tiny_model, ns.open_stack(path), speed=BATCH_SPEED)
+    np.testing.assert_array_equal(tifffile.imread(out2).reshape(expected.shape) == 1,
+                                  whole.segment(0, points=[[220, 925]]))

@@ -3,7 +3,7 @@ arguments and calls :mod:`napari_sam.workflows.batch`).
 
 ::
 
-    napari-sam embed STACK --cache STACK.embeddings.zarr
+    napari-sam embed STACK [--cache NAME.embeddings.zarr]
     napari-sam segment [STACK] --prompts POINTS.csv [SHAPES.csv ...] --out OUT
     napari-sam propagate [STACK] --prompts POINTS.csv --out OUT [--strategy box]
     napari-sam auto STACK --out OUT
@@ -38,6 +38,9 @@ def _common(p: argparse.ArgumentParser, *, workers: bool = True) -> None:
                    "checkpoint path; default $NAPARI_SAM_MODEL, else vit_b")
     m.add_argument("--checkpoint", help="a SAM checkpoint file (architecture inferred)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    g.add_argument("--tile-above", type=int, default=2048, metavar="PX",
+                   help="segment slices whose longest side exceeds PX on 1024 px tiles at full "
+                   "resolution (default 2048; 0: never)")
     if workers:
         w = g.add_mutually_exclusive_group()
         w.add_argument("--workers", type=int, metavar="N",
@@ -77,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="compute and store the embeddings of every slice",
                        description="Fill an embedding store; resumable.")
     p.add_argument("stack", metavar="STACK")
-    p.add_argument("--cache", help="the store (default STACK.embeddings.zarr next to STACK)")
+    p.add_argument("--cache", help="the store (default: <name>.embeddings.zarr beside STACK, "
+                   "where the widget and the API look for it)")
     _common(p)
 
     conv = ("Points CSV: index, axis-0..axis-(D-1) [, label | positive] [, object | object_id]; "
@@ -223,9 +227,11 @@ def _run(args) -> int:
 
     bar = _Bar(args.quiet, args.command)
     options: dict[str, Any] = {"model": args.model, "checkpoint": args.checkpoint,
-                               "device": args.device}
+                               "device": args.device, "tile_above": args.tile_above}
     if args.command == "embed":
-        cache = args.cache or f"{str(args.stack).rstrip('/')}.embeddings.zarr"
+        from .io.places import embedding_store_for
+
+        cache = args.cache or str(embedding_store_for(args.stack))
         client, cluster = _client(args)
         try:
             res = batch.embed_stack(args.stack, cache, progress=bar, client=client, **options)

@@ -3,7 +3,8 @@
 :class:`EngineSettings` is a plain, immutable description of what the user chose (taken on
 the GUI thread); :class:`Session` turns it into a loaded model and a
 :class:`napari_sam.Segmenter` (or a :class:`napari_sam.TiledSegmenter` for slices larger
-than the tiling threshold). :meth:`Session.engine` may run in any thread: it reads only
+than the tiling threshold, :func:`napari_sam.workflows.tiling.segmenter_for`).
+:meth:`Session.engine` may run in any thread: it reads only
 the settings it is given and the arrays they hold.
 """
 
@@ -16,11 +17,9 @@ from typing import Any, Callable
 
 from ..io.places import embedding_store_for, find_embedding_store
 from ..models.loading import load_model_cached
+from ..workflows.tiling import DEFAULT_TILE_ABOVE, segmenter_for
 
-__all__ = ["EngineSettings", "Session", "DEFAULT_TILE_ABOVE"]
-
-#: slices whose longest side exceeds this many pixels are segmented on tiles by default
-DEFAULT_TILE_ABOVE = 2048
+__all__ = ["EngineSettings", "Session"]
 CACHE_AUTO, CACHE_MEMORY, CACHE_NEXT_TO_IMAGE, CACHE_PATH = "auto", "memory", "next to image", "path"
 
 
@@ -79,9 +78,6 @@ class EngineSettings:
         return (self.data_id, self.axes, str(self.channel), self.model, self.device,
                 self.store(), self.tile_above)
 
-    def tiled(self, slice_shape: tuple[int, int]) -> bool:
-        return bool(self.tile_above) and max(slice_shape) > self.tile_above
-
 
 class Session:
     """Holds the current segmenter; builds a new one when the settings change.
@@ -120,10 +116,8 @@ class Session:
             old = self._seg
             if old is not None:  # the old engine's queued prefetches are no use now
                 old.cancel_prefetch()
-            if settings.tiled(stack.slice_shape):
-                seg = ns.TiledSegmenter(model, stack, cache=settings.store())
-            else:
-                seg = ns.Segmenter(model, stack, cache=settings.store())
+            seg = segmenter_for(model, stack, cache=settings.store(),
+                                tile_above=settings.tile_above)
             self._seg, self._key = seg, key
             return seg
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models.base import PromptableModel
     from .prefetch import Prefetcher
 
-__all__ = ["Prediction", "Segmenter", "mask_to_logits"]
+__all__ = ["Prediction", "Segmenter", "mask_to_logits", "resolve_store"]
 
 _MASK_LOGIT = float(np.log((1 - 1e-3) / 1e-3))  # +-6.9: a binary mask as SAM logits
 
@@ -104,10 +104,12 @@ class Segmenter:
     stack : SliceSource, array or path
         A stack (or any :class:`~napari_sam.io.stacks.SliceSource`), or anything
         :func:`napari_sam.open_stack` accepts.
-    cache : None, str or Path
+    cache : None, "auto", str or Path
         None: embeddings in memory only. A path: a zarr embedding store, created if
-        missing, reused across sessions and processes. (To share an existing
-        :class:`EmbeddingCache`, use :meth:`from_cache`.)
+        missing, reused across sessions and processes. "auto": the store beside the
+        image file (:func:`napari_sam.io.places.embedding_store_for`, where
+        ``napari-sam embed`` and the widget put it) when there is one, else memory only.
+        (To share an existing :class:`EmbeddingCache`, use :meth:`from_cache`.)
     memory_bytes : int
         Bound of the in-memory embedding cache.
     store_dtype : {"float16", "float32"}
@@ -143,6 +145,7 @@ class Segmenter:
                 "Segmenter.from_cache(cache) (its model and stack are used)")
         model = model if isinstance(model, PromptableModel) else load_model(model)
         stack = stack if isinstance(stack, SliceSource) else open_stack(stack)
+        cache = resolve_store(cache, stack)
         self._init(EmbeddingCache(model, stack, store=cache, memory_bytes=memory_bytes,
                                   store_dtype=store_dtype, speed=speed))
 
@@ -176,6 +179,10 @@ class Segmenter:
     def embedding(self, index: int) -> Embedding:
         """The embedding of slice ``index`` (computed on first use)."""
         return self.cache.get(index)
+
+    def is_stored(self, index: int) -> bool:
+        """True when slice ``index`` is in memory or in the store (no encoder call needed)."""
+        return self.cache.is_cached(index)
 
     def is_embedded(self, index: int, prompts: Sequence[Prompt] | None = None) -> bool:
         """True when predicting on slice ``index`` needs no encoder call (a memory hit)."""
@@ -335,6 +342,15 @@ class Segmenter:
         box = [ys[0], xs[0], ys[-1] + 1, xs[-1] + 1]
         size = self.model.mask_input_size
         return Prompt.of(box=box, mask_input=mask_to_logits(mask, 4 * size, size))
+
+
+def resolve_store(cache: "str | Path | None", stack: Any) -> "str | Path | None":
+    """``cache="auto"``: the existing store beside the stack's file, else None."""
+    if isinstance(cache, str) and cache == "auto":
+        from ..io.places import find_embedding_store
+
+        return find_embedding_store(getattr(stack, "path", None))
+    return cache
 
 
 def best_masks(preds: Sequence[Prediction]) -> np.ndarray:

@@ -314,6 +314,11 @@ class Stack:
         return h.hexdigest()
 
     # ------------------------------------------------------------------ misc
+    @property
+    def path(self) -> str | None:
+        """The file or folder the stack was read from (None for arrays)."""
+        return self._info.path
+
     def _options(self) -> dict:
         return {"axes": self.axes, "channel": self.channel,
                 "contrast_limits": self._user_limits, "percentiles": self._percentiles}

@@ -87,16 +87,18 @@ class Job:
     objects: list[ObjectPrompt]
     params: dict
     seg_key: str = ""  # same stack, model and cache: same Segmenter (and memory cache)
+    tile_above: int = 0  # tile slices larger than this (see napari_sam.workflows.tiling)
 
 
 def _segmenter(job: Job):
     seg = _SEGMENTERS.get(job.seg_key or job.key)
     if seg is None:
-        from ..engine.segment import Segmenter
         from ..models.speed import reproducible
+        from .tiling import segmenter_for
 
         model = job.model.load()
-        seg = Segmenter(model, job.stack, cache=job.cache, speed=reproducible(model.speed_config()))
+        seg = segmenter_for(model, job.stack, cache=job.cache, tile_above=job.tile_above,
+                            speed=reproducible(model.speed_config()))
         _SEGMENTERS.clear()  # one stack's segmenter per process at a time
         _SEGMENTERS[job.seg_key or job.key] = seg
     return seg
@@ -187,8 +189,8 @@ def task_auto(job: Job, index: int) -> int:
 
 
 def task_embed(job: Job, index: int) -> int:
-    """Embed slice ``index`` into the job's store."""
-    return _segmenter(job).cache.embed([index])
+    """Embed slice ``index`` (every tile of it, when tiled) into the job's store."""
+    return _segmenter(job).embed([index])
 
 
 def run_units(job: Job, fn, units: Sequence[int], *, client, progress: Progress | None,

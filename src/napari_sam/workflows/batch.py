@@ -31,9 +31,11 @@ import numpy as np
 from .._errors import InvalidInputError
 from .._hashing import json_digest
 from ..io.labels_out import Output, OutputExistsError, output_format
+from ..io.places import embedding_store_for, image_stem
 from ..io.prompt_files import ObjectPrompt, prompts_digest, read_prompts
 from ._tasks import (Job, mark_done, model_ref, open_array, run_units, slot, task_auto,
                      task_embed, task_propagate, task_segment)
+from .tiling import DEFAULT_TILE_ABOVE, segmenter_for, tiling_of
 
 __all__ = ["embed_stack", "segment_prompts", "propagate_prompts", "auto_segment", "run_folder",
            "JobResult", "OutputExistsError", "IMAGE_SUFFIXES"]
@@ -77,12 +79,16 @@ def _open_inputs(stack, model, checkpoint, device):
     return stack, ref, sam_model
 
 
-def _signature(kind: str, stack, sam_model, objects, params) -> dict:
-    return {"kind": kind, "version": 1,
-            "stack": {"source": str(stack.source), "shape": list(stack.shape), "axes": stack.axes,
-                      "fingerprint": stack.fingerprint(), "normalisation": stack.normalisation()},
-            "model": sam_model.signature(), "prompts": prompts_digest(objects) if objects else None,
-            "params": params}
+def _signature(kind: str, stack, sam_model, objects, params, tile_above: int) -> dict:
+    sig = {"kind": kind, "version": 1,
+           "stack": {"source": str(stack.source), "shape": list(stack.shape), "axes": stack.axes,
+                     "fingerprint": stack.fingerprint(), "normalisation": stack.normalisation()},
+           "model": sam_model.signature(), "prompts": prompts_digest(objects) if objects else None,
+           "params": params}
+    tiling = tiling_of(stack.slice_shape, tile_above)
+    if tiling is not None:  # absent for whole slices: their signatures are as before
+        sig["tiling"] = tiling
+    return sig
 
 
 def _output(out, sig, stack, overwrite) -> Output:
@@ -93,12 +99,12 @@ def _output(out, sig, stack, overwrite) -> Output:
     return Output(out, sig, shape=shape, axes=axes, scale=scale, units=units, overwrite=overwrite)
 
 
-def _job(kind, sig, stack, ref, cache, output: Output, objects, params) -> Job:
+def _job(kind, sig, stack, ref, cache, output: Output, objects, params, tile_above: int) -> Job:
     key = json_digest(sig)
     cache = None if cache is None else str(cache)
-    seg_key = json_digest([sig["stack"], sig["model"], ref.key, cache])
+    seg_key = json_digest([sig["stack"], sig["model"], ref.key, cache, sig.get("tiling")])
     return Job(kind, key, stack, ref, cache, str(output.labels_path), str(output.work),
-                list(objects), params, seg_key)
+               list(objects), params, seg_key, tile_above)
 
 
 def _objects(prompts, stack, scale_prompts) -> list[ObjectPrompt]:
@@ -114,7 +120,8 @@ def _objects(prompts, stack, scale_prompts) -> list[ObjectPrompt]:
 
 # ---------------------------------------------------------------------- public jobs
 def embed_stack(stack, cache, *, model=None, checkpoint=None, device=None,
-                progress: Progress | None = None, client=None) -> JobResult:
+                progress: Progress | None = None, client=None,
+                tile_above: int = DEFAULT_TILE_ABOVE) -> JobResult:
     """Compute and store the embedding of every slice of ``stack`` in ``cache`` (resumable).
 
     Parameters
@@ -127,21 +134,25 @@ def embed_stack(stack, cache, *, model=None, checkpoint=None, device=None,
     progress : callable(done, total), optional
     client : dask.distributed.Client, optional
         Run one task per slice on the cluster; the store takes concurrent writers.
+    tile_above : int
+        Slices whose longest side exceeds this are embedded tile by tile, as the widget
+        and the other jobs segment them (0: whole slices).
     """
-    from ..engine.segment import Segmenter
     from ..models.speed import reproducible
 
     t0 = time.perf_counter()
     stack, ref, sam_model = _open_inputs(stack, model, checkpoint, device)
-    seg = Segmenter(sam_model, stack, cache=cache, speed=reproducible(sam_model.speed_config()))
-    todo = [i for i in range(len(stack)) if not seg.cache.is_cached(i)]
+    seg = segmenter_for(sam_model, stack, cache=cache, tile_above=tile_above,
+                        speed=reproducible(sam_model.speed_config()))
+    todo = [i for i in range(len(stack)) if not seg.is_stored(i)]
     resumed = len(stack) - len(todo)
     if client is None:
         encoded = seg.embed(todo, progress=None if progress is None else
                             (lambda d, t: progress(resumed + d, len(stack))))
     else:
         sig = {"kind": "embed", "cache": str(cache), "model": sam_model.signature()}
-        job = Job("embed", json_digest(sig), stack, ref, str(cache), "", "", [], {})
+        job = Job("embed", json_digest(sig), stack, ref, str(cache), "", "", [], {},
+                  tile_above=tile_above)
         encoded = run_units(job, task_embed, todo, client=client, progress=progress,
                        offset=resumed, total=len(stack))
     return JobResult(Path(cache), "embed", len(stack), resumed=resumed, computed=len(todo),
@@ -150,14 +161,14 @@ def embed_stack(stack, cache, *, model=None, checkpoint=None, device=None,
 
 def segment_prompts(stack, prompts, out, *, model=None, checkpoint=None, device=None, cache=None,
                     client=None, overwrite: bool = False, progress: Progress | None = None,
-                    scale_prompts: bool = False) -> JobResult:
+                    scale_prompts: bool = False, tile_above: int = DEFAULT_TILE_ABOVE) -> JobResult:
     """Segment every prompted object on its slice and write the labels to ``out``.
 
     Parameters
     ----------
     stack : path, array or Stack
     prompts : path, list of paths (napari CSV exports) or list of ObjectPrompt
-        See :mod:`napari_sam._prompts_io`; object k gets label id k + 1.
+        See :mod:`napari_sam.io.prompt_files`; object k gets label id k + 1.
     out : path
         ``.ome.zarr`` / ``.zarr`` (OME-Zarr labels) or ``.tif`` / ``.tiff``.
     cache : path, optional
@@ -169,15 +180,18 @@ def segment_prompts(stack, prompts, out, *, model=None, checkpoint=None, device=
     progress : callable(done, total), optional
     scale_prompts : bool
         Prompt coordinates are world coordinates (divided by the stack's scale).
+    tile_above : int
+        Slices whose longest side exceeds this are segmented on 1024 px tiles at full
+        resolution (:class:`napari_sam.TiledSegmenter`); 0: whole slices.
     """
     t0 = time.perf_counter()
     stack, ref, sam_model = _open_inputs(stack, model, checkpoint, device)
     objects = _objects(prompts, stack, scale_prompts)
-    sig = _signature("segment", stack, sam_model, objects, {})
+    sig = _signature("segment", stack, sam_model, objects, {}, tile_above)
     output = _output(out, sig, stack, overwrite)
     result = JobResult(output.path, "segment", len(stack), n_objects=len(objects))
     if not output.complete:
-        job = _job("segment", sig, stack, ref, cache, output, objects, {})
+        job = _job("segment", sig, stack, ref, cache, output, objects, {}, tile_above)
         slices = sorted({o.index for o in objects})
         done = output.done()
         todo = [i for i in slices if not done[i]]
@@ -194,8 +208,8 @@ def propagate_prompts(stack, prompts, out, *, strategy: str | None = None, min_s
                       min_iou: float = 0.3, max_slices: int | None = None, group_size: int = 8,
                       model=None, checkpoint=None, device=None, cache=None, client=None,
                       overwrite: bool = False, progress: Progress | None = None,
-                      scale_prompts: bool = False) -> JobResult:
-    """Follow every prompted object through Z (see :func:`napari_sam.volume.propagate_many`)
+                      scale_prompts: bool = False, tile_above: int = DEFAULT_TILE_ABOVE) -> JobResult:
+    """Follow every prompted object through Z (see :func:`napari_sam.workflows.volume.propagate_many`)
     and write the 3D labels to ``out``; arguments as :func:`segment_prompts`.
 
     Objects are propagated in fixed groups of ``group_size`` (one task each, batched
@@ -210,12 +224,12 @@ def propagate_prompts(stack, prompts, out, *, strategy: str | None = None, min_s
         raise InvalidInputError(f"group_size must be >= 1, got {group_size}")
     params = {"strategy": strategy or DEFAULT_STRATEGY, "min_score": float(min_score),
               "min_iou": float(min_iou), "max_slices": max_slices, "group_size": int(group_size)}
-    sig = _signature("propagate", stack, sam_model, objects, params)
+    sig = _signature("propagate", stack, sam_model, objects, params, tile_above)
     output = _output(out, sig, stack, overwrite)
     n_groups = -(-len(objects) // group_size)
     result = JobResult(output.path, "propagate", len(stack), n_objects=len(objects))
     if not output.complete:
-        job = _job("propagate", sig, stack, ref, cache, output, objects, params)
+        job = _job("propagate", sig, stack, ref, cache, output, objects, params, tile_above)
         work = output.work_group
         line_len = len(z_line(stack, objects[0].index)[0])
         Output.require(work, "objects", (len(objects), line_len, *stack.slice_shape),
@@ -259,7 +273,8 @@ def auto_segment(stack, out, *, points_per_side: int = 16, pred_iou_thresh: floa
                  stability_score_thresh: float = 0.95, box_nms_thresh: float = 0.7,
                  min_area: int = 16, max_area_fraction: float = 0.5, merge_iou: float = 0.3,
                  model=None, checkpoint=None, device=None, cache=None, client=None,
-                 overwrite: bool = False, progress: Progress | None = None) -> JobResult:
+                 overwrite: bool = False, progress: Progress | None = None,
+                 tile_above: int = DEFAULT_TILE_ABOVE) -> JobResult:
     """Automatic segmentation of every slice (one task each), then the 3D merge.
 
     See :func:`napari_sam.workflows.auto.auto_segment_slice` and :func:`napari_sam.workflows.auto.merge_slices`;
@@ -275,11 +290,11 @@ def auto_segment(stack, out, *, points_per_side: int = 16, pred_iou_thresh: floa
               "stability_score_thresh": float(stability_score_thresh),
               "box_nms_thresh": float(box_nms_thresh), "min_area": int(min_area),
               "max_area_fraction": float(max_area_fraction), "merge_iou": float(merge_iou)}
-    sig = _signature("auto", stack, sam_model, [], params)
+    sig = _signature("auto", stack, sam_model, [], params, tile_above)
     output = _output(out, sig, stack, overwrite)
     result = JobResult(output.path, "auto", len(stack))
     if not output.complete:
-        job = _job("auto", sig, stack, ref, cache, output, [], params)
+        job = _job("auto", sig, stack, ref, cache, output, [], params, tile_above)
         work = output.work_group
         Output.require(work, "slices", (len(stack), *stack.slice_shape), (1, *stack.slice_shape), "uint32")
         sdone = np.asarray(Output.require(work, "slices_done", (len(stack),), (1,), "uint8")[:]).astype(bool)
@@ -326,14 +341,11 @@ def run_folder(kind: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for img in images:
-        name = img.name
-        for ext in (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr"):
-            if name.lower().endswith(ext):
-                name = name[: -len(ext)]
-                break
+        name = image_stem(img)
         cb = None if progress is None else (lambda d, t, n=name: progress(n, d, t))
         if kind == "embed":
-            results.append(embed_stack(img, out_dir / f"{name}.embeddings.zarr", progress=cb, **options))
+            results.append(embed_stack(img, embedding_store_for(img, folder=out_dir), progress=cb,
+                                       **options))
             continue
         out = out_dir / f"{name}{suffix}"
         if kind in ("segment", "propagate"):

@@ -45,9 +45,35 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..engine.segment import Prediction
     from ..io.stacks import Stack
 
-__all__ = ["Tile", "TiledStack", "TiledSegmenter", "tile_starts"]
+__all__ = ["DEFAULT_TILE_ABOVE", "Tile", "TiledSegmenter", "TiledStack", "segmenter_for",
+           "tile_starts", "tiling_of"]
 
 TILING_VERSION = 1
+#: slices whose longest side exceeds this many pixels are segmented on tiles by default
+#: (the widget and the ``napari-sam`` command; 0 switches tiling off)
+DEFAULT_TILE_ABOVE = 2048
+
+
+def tiling_of(slice_shape: Sequence[int], tile_above: int) -> dict | None:
+    """The tile geometry used for slices of ``slice_shape`` (None: whole slices)."""
+    if not tile_above or max(slice_shape) <= tile_above:
+        return None
+    return {"tile": 1024, "overlap": 256, "above": int(tile_above)}
+
+
+def segmenter_for(model: Any, stack: Any, *, cache: str | Path | None = None,
+                  tile_above: int = DEFAULT_TILE_ABOVE, speed: Any = "auto"):
+    """A :class:`~napari_sam.Segmenter`, or a :class:`TiledSegmenter` for slices whose
+    longest side exceeds ``tile_above`` pixels (0: never tiled)."""
+    from ..engine.segment import Segmenter
+    from ..io.stacks import Stack, open_stack
+
+    stack = stack if isinstance(stack, Stack) else open_stack(stack)
+    tiling = tiling_of(stack.slice_shape, tile_above)
+    if tiling is None:
+        return Segmenter(model, stack, cache=cache, speed=speed)
+    return TiledSegmenter(model, stack, tile=tiling["tile"], overlap=tiling["overlap"],
+                          cache=cache, speed=speed)
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -253,8 +279,11 @@ class TiledSegmenter:
         from ..models.base import PromptableModel
         from ..models.loading import load_model
 
+        from ..engine.segment import resolve_store
+
         self.model = model if isinstance(model, PromptableModel) else load_model(model)
         self.stack: Stack = stack if isinstance(stack, Stack) else open_stack(stack)
+        cache = resolve_store(cache, self.stack)
         self.tiles = TiledStack(self.stack, tile=tile, overlap=overlap)
         self.cache: EmbeddingCache = EmbeddingCache(
             self.model, self.tiles, store=cache, store_dtype=store_dtype, speed=speed,
@@ -280,6 +309,11 @@ class TiledSegmenter:
         else:
             tiles = set(range(self.tiles.n_tiles))
         return all(self.cache.in_memory(self.tiles.view_index(index, k)) for k in tiles)
+
+    def is_stored(self, index: int) -> bool:
+        """True when every tile of slice ``index`` is in memory or in the store."""
+        return all(self.cache.is_cached(self.tiles.view_index(index, k))
+                   for k in range(self.tiles.n_tiles))
 
     def prefetch(self, indices: Iterable[int] | None = None, *, around: int | None = None) -> list[int]:
         """Nothing is prefetched on tiled slices (a slice has many tiles); returns []."""
