@@ -113,7 +113,6 @@ def best_masks(predictor, prompts):
 def e2e_best_masks(model, features, rgb, prompts, cfg):
     """Best masks through napari_sam's own decode path (fast decoder per ``cfg``)."""
     import torch
-
     from segment_anything.utils.transforms import ResizeLongestSide
 
     from napari_sam.models.base import Embedding

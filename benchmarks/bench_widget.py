@@ -46,7 +46,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_engine import SMALL, VIT_B  # noqa: E402
 
-
 HANDLERS: dict[str, list[float]] = {}
 
 
@@ -108,7 +107,7 @@ def run_clicks(viewer, widget, app, monitor, points, *, sync: bool):
         pts.add([y, x])
         ta = time.perf_counter()
         if not sync:
-            _wait(app, lambda: widget.ctrl.answer_shown is not before and not widget.busy)
+            _wait(app, lambda b=before: widget.ctrl.answer_shown is not b and not widget.busy)
         t1 = time.perf_counter()
         app.processEvents()
         shown = widget.ctrl.answer_shown

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from gui_helpers import settle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,29 +55,51 @@ def synthetic_stack() -> np.ndarray:
     return img.clip(0, 65535).astype(np.uint16)
 
 
+# Runs ``napari_sam.cli`` with the batch tasks' done-marker wrapped: after ``stop_after``
+# units are marked done the process stops itself (SIGSTOP), so the test kills it at exactly
+# that point, without polling or timing.
+_STOP_AFTER_UNITS = """
+import os, signal, sys
+from napari_sam.workflows import _tasks
+stop_after, marked = int(sys.argv[1]), []
+real = _tasks.mark_done
+def mark_done(job, name, i):
+    real(job, name, i)
+    if name in ("done", "groups_done", "slices_done"):
+        marked.append(i)
+        if len(marked) == stop_after:
+            os.kill(os.getpid(), signal.SIGSTOP)
+_tasks.mark_done = mark_done
+from napari_sam import cli
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
 @pytest.fixture
 def kill_part_way():
-    """``run(args, work, env=...)``: start a batch CLI job, SIGKILL it once two units are
-    recorded as done in its work store ``work``; returns how many were done by then."""
+    """``run(args, work, env=...)``: start a batch CLI job (``args`` as
+    ``[python, "-m", "napari_sam.cli", ...]``), SIGKILL it right after it has marked
+    ``min_done`` units done in its work store ``work``; returns how many were done."""
+    import os
     import signal
     import subprocess
-    import time
 
     import zarr
 
     def done(work: Path) -> int:
-        try:
-            return int(np.count_nonzero(zarr.open_array(work / "done", mode="r")[:]))
-        except Exception:  # not created yet
-            return 0
+        return int(np.count_nonzero(zarr.open_array(work / "done", mode="r")[:]))
 
     def run(args, work: Path, *, env: dict, min_done: int = 2, timeout: float = 240) -> int:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        deadline = time.time() + timeout
-        while done(work) < min_done and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert list(args[1:3]) == ["-m", "napari_sam.cli"], args
+        cmd = [args[0], "-c", _STOP_AFTER_UNITS, str(min_done), *map(str, args[3:])]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)  # until it stopped itself (or ended)
+        if os.WIFSTOPPED(status):
+            os.kill(proc.pid, signal.SIGKILL)
+            os.waitpid(proc.pid, 0)
+        proc.returncode = -9
+        proc.stdout.close()
+        proc.stderr.close()
         return done(work)
 
     return run

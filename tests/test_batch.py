@@ -8,8 +8,8 @@ import tifffile
 import zarr
 
 import napari_sam as ns
-from napari_sam.workflows import batch
 from napari_sam.io.prompt_files import ObjectPrompt
+from napari_sam.workflows import batch
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import zarr
 
 import napari_sam as ns
 from napari_sam import cli
-from napari_sam.workflows import batch
 from napari_sam.io.prompt_files import read_prompts
 from napari_sam.models.speed import reproducible, speed_config
+from napari_sam.workflows import batch
 
 BATCH_SPEED = reproducible(speed_config("cpu"))  # what batch jobs (and so the CLI) decode with
 

@@ -26,8 +26,8 @@ import tifffile
 import zarr
 
 import napari_sam as ns
-from napari_sam.workflows import batch
 from napari_sam.engine.store import EmbeddingStoreWarning
+from napari_sam.workflows import batch
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 TOL = 1e-2  # float16 store vs fresh float32 features (as test_engine)

@@ -22,7 +22,6 @@ import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from napari_sam.models import download as _download
 from napari_sam._errors import CheckpointError, ChecksumError, DownloadError, InvalidInputError
 from napari_sam.models import (
     OFFICIAL_ARCHITECTURES,
@@ -38,6 +37,7 @@ from napari_sam.models import (
     load_model,
     resolve_checkpoint,
 )
+from napari_sam.models import download as _download
 from napari_sam.testing import make_tiny_checkpoint, make_tiny_sam
 
 CPU = torch.device("cpu")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from gui_helpers import Z, engine, go_to, preview, settle
 
 pytestmark = pytest.mark.gui

@@ -39,7 +39,11 @@ def test_request_embeds_in_background_and_thread_ends(tiny_model, stack):
     assert not seg.cache.in_memory(6)
     pre = seg.prefetcher
     assert pre.stats["embedded"] == 3 and seg.cache.stats["encoder_calls"] == 3
-    assert pre._thread is None and not pre.busy  # no idle thread left behind
+    assert not pre.busy
+    for t in threading.enumerate():  # the thread ends with its work: no idle thread left
+        if t.name == "napari-sam-prefetch":
+            t.join(timeout=30)
+    assert not any(t.name == "napari-sam-prefetch" for t in threading.enumerate())
     # already in memory: nothing to queue, nothing recomputed
     assert seg.prefetch([3, 4]) == []
     before = seg.cache.stats["encoder_calls"]
@@ -54,11 +58,7 @@ def test_newest_request_replaces_the_queue(tiny_model, stack):
     gate.acquire()  # the prefetcher blocks on slice 1 until released
     try:
         seg.prefetch([1, 2, 3, 4])
-        for _ in range(200):
-            if seg.prefetcher._busy == 1:
-                break
-            threading.Event().wait(0.01)
-        assert seg.prefetcher._busy == 1
+        assert seg.prefetcher.wait_working_on(1, timeout=60)
         assert seg.prefetch([8]) == [8]  # the user jumped away
     finally:
         gate.release()
@@ -83,11 +83,9 @@ def test_follow_includes_the_slice_and_keeps_direction(tiny_model, stack):
     gate = seg.cache._slice_locks.setdefault(6, threading.Lock())
     with gate:  # keep the queue visible: the thread blocks on slice 6
         assert seg.prefetch(around=6) == [6, 7, 8, 5]
-        for _ in range(500):  # until the thread holds 6: else it may encode 5 before the
-            if pre._busy == 6:  # next request and that request would skip it
-                break
-            threading.Event().wait(0.01)
-        assert pre._busy == 6
+        # until the thread holds 6: else it may encode 5 before the next request, which
+        # would then skip it
+        assert pre.wait_working_on(6, timeout=60)
         assert seg.prefetch(around=5)[:3] == [5, 4, 3]  # moved backwards
         assert seg.prefetch(around=5)[:3] == [5, 4, 3]  # a repeated call keeps the direction
     assert pre.wait(timeout=120)

@@ -14,9 +14,9 @@ from hypothesis.extra import numpy as hnp
 
 from napari_sam import StackError
 from napari_sam.io.formats import check_axes
+from napari_sam.io.stacks import infer_axes, open_stack
 from napari_sam.labels import LabelHistory, next_label_id, paint, redo, undo
 from napari_sam.models.sam import to_sam_xy as _to_sam_xy
-from napari_sam.io.stacks import infer_axes, open_stack
 
 SETTINGS = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -18,9 +18,8 @@ exist (macOS, Windows), where triton is not installed, or where it is already lo
 
 Why not keep triton out of the process? That avoids the crash too, but takes
 ``torch.compile``'s GPU kernels away from users whose desktop happens to run on Mesa.
-Measured (napari 0.9.2, torch 2.14.1, triton 3.8.0, Xvfb + llvmpipe): viewer first, then
-``import torch._dynamo`` crashed (exit 139) without the hook and ran with it; opening the
-library this way takes the same ~0.2 s that triton's own import spends on it.
+The measurements are in ``benchmarks/RESULTS.md``; ``tests/test_user_order.py`` runs the
+reproduction in fresh processes.
 """
 
 from __future__ import annotations

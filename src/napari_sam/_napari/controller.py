@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from ..engine.prompt import Prompt
+from . import sam_layers as L
 from .geometry import ImageGeometry, SlicePrompts, prompt_view_ok, prompts_for_slice, same_layer
 from .session import EngineSettings, Session
-from . import sam_layers as L
 
 __all__ = ["Request", "Answer", "SamController"]
 

@@ -41,8 +41,10 @@ CACHE_CHOICES = [("automatic", "auto"), ("memory only", "memory"),
                  ("next to the image file", "next to image"), ("in a folder", "path")]
 
 
-def _row(*widgets: Any) -> Container:
-    return Container(widgets=list(widgets), layout="horizontal", labels=False)
+def _row(*widgets: Any, label: str = "") -> Container:
+    row = Container(widgets=list(widgets), layout="horizontal", labels=False, label=label)
+    row.native.layout().setContentsMargins(0, 0, 0, 0)
+    return row
 
 
 def _collapsible(title: str, inner: Container, *, expanded: bool) -> Any:
@@ -99,7 +101,7 @@ def build_form(w: "SamWidget") -> None:
     w.everything_range = CheckBox(value=False, text="on From..to")
     w.precompute_btn = PushButton(text="Precompute", tooltip="Embed the slices From..to")
     w.volume_box = Container(widgets=[
-        w.axis, _row(w.from_spin, w.to_spin), w.label_id, _row(w.propagate_btn, w.refine_btn),
+        w.axis, _row(w.from_spin, w.to_spin, label="Slices"), w.label_id, _row(w.propagate_btn, w.refine_btn),
         _row(w.everything_btn, w.everything_range), w.precompute_btn])
 
     # settings
@@ -136,8 +138,8 @@ def build_form(w: "SamWidget") -> None:
     w.help_label = Label(value=f"Keys: {keys}; Shift+click: negative point")
     w.help_label.native.setWordWrap(True)
 
-    form = Container(widgets=[w.image, w.channel_axis, w.channels, _row(w.model, w.browse_btn),
-                              w.labels])
+    form = Container(widgets=[w.image, w.channel_axis, w.channels,
+                              _row(w.model, w.browse_btn, label="Model"), w.labels])
     w.extend([form, _row(w.positive, w.overwrite), _row(w.commit_btn, w.clear_btn),
               _row(w.mask_btn, w.undo_btn, w.redo_btn)])
     layout = w.native.layout()

@@ -150,7 +150,7 @@ class ImageGeometry:
         for a, letter in zip(self.lead_axes, letters):
             label = str(labels[a]) if a < len(labels) else ""
             named = label and not label.lstrip("-").isdigit() and not label.startswith("axis")
-            names.append(label if named else letter)
+            names.append((label.upper() if len(label) == 1 else label) if named else letter)
         return names
 
     def describe(self, position: Sequence[int]) -> str:

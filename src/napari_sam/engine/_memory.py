@@ -2,25 +2,13 @@
 
 Encoding a slice allocates and frees buffers of tens of MB (the slice, its resized copy,
 attention matrices). glibc serves them from the heap once it has seen such sizes freed;
-over hundreds of slices the heap fragments and the process's resident memory creeps up
-(measured: +1.4 MB per 2048 x 2048 slice over 1000 slices). After each encoded slice,
-:func:`release_free_memory` looks at the heap's free bytes and, once they pass
-``keep`` (256 MiB), hands the free pages back to the system (``malloc_trim(0)``, ~10 ms):
-resident memory stays within the cache bound plus that margin.
-
-Why a margin: the ~100-150 MB the encoder frees are what the next prompt's decoder
-allocates from. Trimming them after every slice made the first click on each new slice
-page-fault its way to 31-38 ms instead of 22-29 ms (vit_b, 512 x 512).
-
-An earlier fix pinned glibc's mmap threshold at 128 KiB. That also kept memory flat, but
-every tensor over 128 KiB then came from a fresh mapping whose pages fault in on first
-touch: +1.1 ms per 4 MB tensor, which more than doubled the decoder's time (61 -> 141 ms).
-
-Tried and dropped: glibc's mmap threshold at its 32 MiB maximum and its trim threshold at
-512 MiB keep the encoder's activations in the heap (page faults per vit_b slice 190,000
--> ~0, 5-8 % faster), but the heap's free pool then sits above the 256 MiB margin, the
-trim after each slice hands back pages the next clicks fault in again (decode p50 +2-10
-ms), and a larger margin breaks the walk's bound (peak 344 MB over model + cache).
+over hundreds of slices the heap fragments and the process's resident memory creeps up.
+After each encoded slice, :func:`release_free_memory` looks at the heap's free bytes and,
+once they pass ``keep`` (256 MiB), hands the free pages back to the system
+(``malloc_trim(0)``, ~10 ms): resident memory stays within the cache bound plus that
+margin. The margin keeps the pages the next clicks' decoder allocates from (trimming
+them all made the first click on each slice page-fault). What was measured, and the
+alternatives tried and dropped, are in ``benchmarks/RESULTS.md`` ("Memory").
 
 Set ``NAPARI_SAM_KEEP_MALLOC=1`` to leave the allocator alone.
 """

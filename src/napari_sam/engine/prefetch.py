@@ -172,6 +172,12 @@ class Prefetcher:
         with self._cond:
             return self._cond.wait_for(lambda: not self._queue and self._busy is None, timeout)
 
+    def wait_working_on(self, index: int, timeout: float | None = None) -> bool:
+        """Block until the background thread is embedding slice ``index`` (True), or
+        ``timeout`` passes (False). For callers that must know a slice is in work."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._busy == index, timeout)
+
     @property
     def busy(self) -> bool:
         """True while a slice is being embedded or waiting in the queue."""
@@ -195,6 +201,7 @@ class Prefetcher:
                     return
                 index = self._queue.pop(0)
                 self._busy = index
+                self._cond.notify_all()
             try:
                 if not self.cache.in_memory(index):
                     self.cache.get(index)

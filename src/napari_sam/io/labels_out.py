@@ -78,7 +78,7 @@ def _tiff_meta(path: Path) -> dict | None:
         with tifffile.TiffFile(path) as tif:
             tag = tif.pages[0].tags.get(_TIFF_TAG)
             meta = json.loads(tag.value) if tag is not None else None
-    except Exception:
+    except Exception:  # noqa: BLE001 - any unreadable TIFF is simply not one of ours
         return None
     return meta if isinstance(meta, dict) and meta.get("kind") == KIND else None
 
@@ -90,7 +90,7 @@ def _group_meta(path: Path) -> dict | None:
     try:
         g = zarr.open_group(path, mode="r")
         meta = g.attrs.get("napari_sam")
-    except Exception:
+    except Exception:  # noqa: BLE001 - any unreadable folder is simply not one of ours
         return None
     return meta if isinstance(meta, dict) and meta.get("kind") == KIND else None
 

@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 from typing import Any
 
 from .._errors import StackError
-from .source import UNKNOWN_FIRST, MICRON, SourceInfo, fill_unknown, unit_of
+from .source import MICRON, UNKNOWN_FIRST, SourceInfo, fill_unknown, unit_of
 
 __all__ = ["map_tiff_axes", "open_tiff"]
 
@@ -112,7 +112,7 @@ def _check_compression(series: Any, path: str) -> None:
     try:
         tifffile.TIFF.DECOMPRESSORS[value]
         return
-    except Exception as exc:  # KeyError: unknown code; others: codec not installed
+    except Exception as exc:  # noqa: BLE001 - KeyError: unknown code; others: codec missing
         why = type(exc).__name__
     try:
         name = tifffile.COMPRESSION(value).name

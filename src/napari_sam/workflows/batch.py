@@ -33,8 +33,18 @@ from .._hashing import json_digest
 from ..io.labels_out import Output, OutputExistsError, output_format
 from ..io.places import embedding_store_for, image_stem
 from ..io.prompt_files import ObjectPrompt, prompts_digest, read_prompts
-from ._tasks import (Job, mark_done, model_ref, open_array, run_units, slot, task_auto,
-                     task_embed, task_propagate, task_segment)
+from ._tasks import (
+    Job,
+    mark_done,
+    model_ref,
+    open_array,
+    run_units,
+    slot,
+    task_auto,
+    task_embed,
+    task_propagate,
+    task_segment,
+)
 from .tiling import DEFAULT_TILE_ABOVE, segmenter_for, tiling_of
 
 __all__ = ["embed_stack", "segment_prompts", "propagate_prompts", "auto_segment", "run_folder",
@@ -75,7 +85,7 @@ def _open_inputs(stack, model, checkpoint, device):
     stack = stack if isinstance(stack, Stack) else open_stack(stack)
     ref = model_ref(model, checkpoint, device)
     sam_model = ref.load()
-    stack.contrast_limits  # computed once here, shipped to workers with the stack
+    _ = stack.contrast_limits  # computed once here, shipped to workers with the stack
     return stack, ref, sam_model
 
 

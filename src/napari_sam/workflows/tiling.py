@@ -274,12 +274,10 @@ class TiledSegmenter:
                  cache: str | Path | None = None, memory_bytes: int | None = None,
                  store_dtype: str = "float16", speed: Any = "auto") -> None:
         from ..engine.cache import DEFAULT_MEMORY_BYTES, EmbeddingCache
-        from ..engine.segment import Segmenter
+        from ..engine.segment import Segmenter, resolve_store
         from ..io.stacks import Stack, open_stack
         from ..models.base import PromptableModel
         from ..models.loading import load_model
-
-        from ..engine.segment import resolve_store
 
         self.model = model if isinstance(model, PromptableModel) else load_model(model)
         self.stack: Stack = stack if isinstance(stack, Stack) else open_stack(stack)
