@@ -192,3 +192,34 @@ def test_segment_tiles_large_slices(tiny_checkpoint, tiny_model, tmp_path):
     whole = ns.Segmenter(tiny_model, ns.open_stack(path), speed=BATCH_SPEED)
     np.testing.assert_array_equal(tifffile.imread(out2).reshape(expected.shape) == 1,
                                   whole.segment(0, points=[[220, 925]]))
+
+
+def test_channel_and_axes_options(tiny_checkpoint, tiny_model, tmp_path):
+    """--channel picks what SAM sees; without it the command says it uses channel 0."""
+    rng = np.random.default_rng(4)
+    img = rng.normal(100, 5, (3, 2, 40, 48)).astype(np.float32)  # Z, C, Y, X
+    img[:, 1, 10:30, 12:36] += 800  # the object is bright in channel 1 only
+    path = tmp_path / "two.tif"
+    tifffile.imwrite(path, img.astype(np.uint16), metadata={"axes": "ZCYX"}, imagej=True)
+    csv = _napari_points_csv(tmp_path / "p.csv", [(1, 20, 24, 1)])
+    installed = str(Path(sys.executable).with_name("napari-sam"))
+    common = ["--prompts", str(csv), "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "-q"]
+    one = subprocess.run([installed, "segment", str(path), "--out", str(tmp_path / "c1.tif"),
+                          "--channel", "1", *common], capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "channel 0" not in one.stderr
+    zero = subprocess.run([installed, "segment", str(path), "--out", str(tmp_path / "c0.tif"), *common],
+                          capture_output=True, text=True, timeout=600)
+    assert zero.returncode == 0 and "has 2 channels" in zero.stderr and "--channel" in zero.stderr
+    for name, channel in (("c1.tif", 1), ("c0.tif", 0)):
+        seg = ns.Segmenter(tiny_model, ns.open_stack(path, channel=channel), speed=BATCH_SPEED)
+        expected = seg.segment(1, points=[[20, 24]])
+        got = tifffile.imread(tmp_path / name).reshape(3, 40, 48)
+        np.testing.assert_array_equal(got[1] == 1, expected)
+    c1 = tifffile.imread(tmp_path / "c1.tif").reshape(3, 40, 48)
+    c0 = tifffile.imread(tmp_path / "c0.tif").reshape(3, 40, 48)
+    assert not np.array_equal(c1, c0)
+    # --axes overrides the metadata: the same file read as T, Z (2 slices per time point)
+    bad = subprocess.run([installed, "segment", str(path), "--out", str(tmp_path / "x.tif"),
+                          "--axes", "ZYX", *common], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "axes" in bad.stderr and bad.stderr.count("\n") <= 1

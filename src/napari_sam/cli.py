@@ -38,6 +38,12 @@ def _common(p: argparse.ArgumentParser, *, workers: bool = True) -> None:
                    "checkpoint path; default $NAPARI_SAM_MODEL, else vit_b")
     m.add_argument("--checkpoint", help="a SAM checkpoint file (architecture inferred)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    i = p.add_argument_group("image")
+    i.add_argument("--axes", help="axes of STACK, one letter per dimension (e.g. CZYX, TZCYX); "
+                   "default from the file's metadata, else from the shape")
+    i.add_argument("--channel", type=_channel, metavar="K[,K,K]",
+                   help="the channel SAM sees (K), or three channels as RGB (0,1,2); default: RGB "
+                   "for RGB samples, else channel 0 (said on stderr when there are more)")
     g.add_argument("--tile-above", type=int, default=2048, metavar="PX",
                    help="segment slices whose longest side exceeds PX on 1024 px tiles at full "
                    "resolution (default 2048; 0: never)")
@@ -48,6 +54,32 @@ def _common(p: argparse.ArgumentParser, *, workers: bool = True) -> None:
         w.add_argument("--scheduler", metavar="ADDRESS",
                        help="run on the dask.distributed scheduler at ADDRESS")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def _channel(text: str) -> int | tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--channel takes a channel index (1) or three indices for RGB (0,1,2), got {text!r}"
+        ) from None
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"--channel takes 1 or 3 indices, got {len(values)}")
+    return values[0] if len(values) == 1 else values
+
+
+def _open(path: str, args) -> Any:
+    """STACK opened with --axes / --channel; a note when channel 0 of several is used."""
+    from .io.stacks import open_stack
+
+    stack = open_stack(path, axes=args.axes, channel=args.channel)
+    if args.channel is None and "C" in stack.axes and not stack.rgb_input:
+        n = stack.shape[stack.axes.index("C")]
+        if n > 1:
+            print(f"napari-sam: note: {path} has {n} channels (axes {stack.axes}); SAM sees "
+                  "channel 0. Pass --channel K for another one, or --channel 0,1,2 for RGB.",
+                  file=sys.stderr)
+    return stack
 
 
 def _job_options(p: argparse.ArgumentParser, *, prompts: bool) -> None:
@@ -234,7 +266,8 @@ def _run(args) -> int:
         cache = args.cache or str(embedding_store_for(args.stack))
         client, cluster = _client(args)
         try:
-            res = batch.embed_stack(args.stack, cache, progress=bar, client=client, **options)
+            res = batch.embed_stack(_open(args.stack, args), cache, progress=bar, client=client,
+                                    **options)
         finally:
             bar.close()
             _close(client, cluster)
@@ -276,11 +309,15 @@ def _run(args) -> int:
                 options.pop("scale_prompts", None)
                 options["scale_prompts"] = args.scale_prompts
             results = batch.run_folder(args.command, stack, args.out, suffix=args.suffix,
-                                       progress=lambda n, d, t: bar(d, t, n), **options)
+                                       progress=lambda n, d, t: bar(d, t, n),
+                                       open_options={"axes": args.axes, "channel": args.channel},
+                                       **options)
         else:
             fn = {"segment": batch.segment_prompts, "propagate": batch.propagate_prompts,
                   "auto": batch.auto_segment}[args.command]
-            pos = (stack, args.prompts, args.out) if args.command != "auto" else (stack, args.out)
+            opened = _open(stack, args) if sample is None else stack
+            pos = ((opened, args.prompts, args.out) if args.command != "auto"
+                   else (opened, args.out))
             results = [fn(*pos, progress=bar, **options)]
     finally:
         bar.close()

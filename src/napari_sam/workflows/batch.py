@@ -331,14 +331,19 @@ def auto_segment(stack, out, *, points_per_side: int = 16, pred_iou_thresh: floa
 
 def run_folder(kind: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
                prompts_dir: str | os.PathLike | None = None, suffix: str = ".ome.zarr",
-               progress: Callable[[str, int, int], None] | None = None, **options) -> list[JobResult]:
+               progress: Callable[[str, int, int], None] | None = None,
+               open_options: dict | None = None, **options) -> list[JobResult]:
     """Run a job on every image of folder ``src`` (.tif, .tiff, .zarr; sorted by name).
 
     Outputs go to ``out_dir/<name><suffix>``. For ``"segment"`` and ``"propagate"`` the
     prompts of image ``<name>.tif`` are ``prompts_dir/<name>.csv``; images without one are
     skipped. For ``"embed"`` the stores are ``out_dir/<name>.embeddings.zarr``.
-    ``progress(name, done, total)``; other options go to the job function.
+    ``progress(name, done, total)``; ``open_options`` (``axes``, ``channel``) go to
+    :func:`napari_sam.open_stack` for every image; other options go to the job function.
     """
+    from ..io.stacks import open_stack
+
+    open_options = {k: v for k, v in (open_options or {}).items() if v is not None}
     src, out_dir = Path(src), Path(out_dir)
     if not src.is_dir():
         raise FileNotFoundError(f"input folder {str(src)!r} does not exist")
@@ -351,11 +356,11 @@ def run_folder(kind: str, src: str | os.PathLike, out_dir: str | os.PathLike, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for img in images:
-        name = image_stem(img)
+        name, store = image_stem(img), embedding_store_for(img, folder=out_dir)
+        img = open_stack(img, **open_options) if open_options else img
         cb = None if progress is None else (lambda d, t, n=name: progress(n, d, t))
         if kind == "embed":
-            results.append(embed_stack(img, embedding_store_for(img, folder=out_dir), progress=cb,
-                                       **options))
+            results.append(embed_stack(img, store, progress=cb, **options))
             continue
         out = out_dir / f"{name}{suffix}"
         if kind in ("segment", "propagate"):
