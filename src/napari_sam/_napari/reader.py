@@ -3,8 +3,10 @@
 The data handed to napari are the lazy arrays of :func:`napari_sam.open_stack` (a zarr
 array over tifffile's page store, or the zarr array itself), so opening a large stack
 reads only the slices napari displays. ``scale`` and ``axis_labels`` come from the file's
-metadata; a channel axis becomes napari's ``channel_axis`` unless it holds RGB(A)
-samples as the last axis. A zarr folder written by :mod:`.writer` opens as labels.
+metadata (OME-Zarr translation included); a channel axis becomes napari's
+``channel_axis`` unless it holds RGB(A) samples as the last axis. Labels files (the
+widget's, batch jobs', any NGFF labels) open as Labels layers with their scale and
+translation, and an OME-Zarr image brings the labels listed in its ``labels/`` group.
 """
 
 from __future__ import annotations
@@ -55,21 +57,26 @@ def read(path: str) -> list[tuple]:
     return layer_data(path)
 
 
-def _labels_zarr(path: str) -> tuple | None:
-    import zarr
+def _image_labels(path: str) -> list[tuple]:
+    """The labels listed in an OME-Zarr image's ``labels/`` group, as Labels layers."""
+    import json
 
-    try:
-        group = zarr.open_group(path, mode="r")
-    except Exception:  # noqa: BLE001 - not a zarr group: an image array
-        return None
-    meta = dict(group.attrs).get("napari_sam")
-    if not isinstance(meta, dict) or meta.get("kind") != "labels":
-        return None
-    from .writer import read_labels_zarr
+    from ..io.labels_files import is_labels, open_labels
 
-    data, kwargs = read_labels_zarr(path)
-    kwargs.setdefault("name", Path(path.rstrip("/\\")).name.removesuffix(".zarr"))
-    return (data, kwargs, "labels")
+    out = []
+    listing = Path(path) / "labels" / ".zattrs"
+    if listing.is_file():
+        try:
+            names = json.loads(listing.read_text()).get("labels", [])
+        except ValueError:
+            names = []
+        for name in names:
+            sub = Path(path) / "labels" / name
+            if is_labels(sub):
+                data, kwargs = open_labels(sub)
+                kwargs["name"] = name
+                out.append((data, kwargs, "labels"))
+    return out
 
 
 def layer_data(path: str) -> list[tuple]:
@@ -83,13 +90,14 @@ def layer_data(path: str) -> list[tuple]:
     """
     import napari_sam as ns
 
-    if os.path.isdir(path):
-        labels = _labels_zarr(path)
-        if labels is not None:
-            return [labels]
+    from ..io.labels_files import is_labels, open_labels
+
+    if is_labels(path):  # a labels file (the widget's, a batch job's, any NGFF labels)
+        data, kwargs = open_labels(path)
+        return [(data, kwargs, "labels")]
     stack = ns.open_stack(path)
     axes = stack.axes
-    scale = list(stack.scale)
+    scale, translate = list(stack.scale), list(stack.translate)
     labels = [a.lower() for a in axes]
     name = Path(path.rstrip("/\\")).name
     for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".zarr", ".btf"):
@@ -101,15 +109,16 @@ def layer_data(path: str) -> list[tuple]:
         c = axes.index("C")
         if stack.rgb_input and c == len(axes) - 1:
             kwargs["rgb"] = True
-            del scale[c], labels[c]
+            del scale[c], labels[c], translate[c]
         else:
             kwargs["channel_axis"] = c
-            del scale[c], labels[c]
+            del scale[c], labels[c], translate[c]
             kwargs["name"] = [f"{name} [c{i}]" for i in range(stack.shape[c])]
     kwargs["scale"] = tuple(scale)
+    kwargs["translate"] = tuple(translate)
     kwargs["axis_labels"] = tuple(labels)
     if not kwargs.get("rgb") and "channel_axis" not in kwargs:
         limits = stack.contrast_limits  # a sample of slices: napari would read them all
         if limits is not None and limits[1] > limits[0]:
             kwargs["contrast_limits"] = list(limits)
-    return [(stack.data, kwargs, "image")]
+    return [(stack.data, kwargs, "image")] + (_image_labels(path) if os.path.isdir(path) else [])

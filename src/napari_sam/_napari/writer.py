@@ -1,10 +1,10 @@
-"""npe2 writer: a Labels layer to an OME-TIFF file or an OME-Zarr-style zarr folder.
+"""npe2 writer: a Labels layer to OME-TIFF or NGFF (OME-Zarr) labels.
 
-* ``.tif`` / ``.tiff``: OME-TIFF (any integer dtype, uint32 included) with the physical
-  pixel size of the Y, X (and Z) axes from the layer's ``scale``.
-* ``.zarr``: a zarr v2 group holding the labels as array ``0`` (chunks of one Y, X plane)
-  with OME-Zarr 0.4 ``multiscales`` metadata (axes, scale, translation) and a
-  ``napari_sam`` marker, so the folder opens again as labels with its scale.
+The same writer as batch jobs and the widget's autosave (:mod:`napari_sam.io.labels_files`):
+``.tif`` / ``.tiff`` give OME-TIFF with physical pixel sizes; ``.zarr`` gives NGFF 0.4
+labels (``image-label``, scale and translation), inside ``labels/<name>`` when the target
+is an OME-Zarr image. Everything written opens again as a Labels layer with its scale and
+translation.
 
 napari's save dialog asks before replacing a file. On top of that, the writer refuses to
 write over a zarr folder (or any folder) that is not a labels folder written here, so an
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LabelsWriteError", "read_labels_zarr", "write_labels"]
+__all__ = ["LabelsWriteError", "write_labels"]
 
 _OME_AXES = "TCZYX"
 
@@ -40,26 +40,16 @@ def _axes(ndim: int, axis_labels: Sequence[str] | None) -> str:
     return {2: "YX", 3: "ZYX", 4: "TZYX", 5: "TCZYX"}[ndim]
 
 
-def _is_labels_zarr(path: str) -> bool:
-    import zarr
-
-    try:
-        group = zarr.open_group(path, mode="r")
-        meta = dict(group.attrs).get("napari_sam")
-    except Exception:  # noqa: BLE001 - not a zarr group: not ours
-        return False
-    return isinstance(meta, dict) and meta.get("kind") == "labels"
-
-
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
-    """Write a Labels layer (npe2 single-layer writer).
+    """Write a Labels layer (npe2 single-layer writer) with the project's one labels writer.
 
     Parameters
     ----------
     path : str
-        Target ending in ``.tif``, ``.tiff`` or ``.zarr``.
+        Target ending in ``.tif``, ``.tiff`` or ``.zarr`` (an OME-Zarr image gets the
+        labels in its ``labels/<layer name>`` group).
     data : array-like of int, shape (..., Y, X)
-        The labels.
+        The labels (read slice by slice: a zarr-backed layer is never loaded whole).
     meta : dict
         The layer's attributes (``scale``, ``translate``, ``axis_labels``, ``name``).
 
@@ -71,95 +61,65 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     Raises
     ------
     LabelsWriteError
-        Unsupported extension or dtype, or ``path`` is an existing folder that is not a
-        labels zarr written by napari-sam.
+        Unsupported extension or dtype, or ``path`` is an existing folder that is neither
+        an OME-Zarr image nor labels written by napari-sam.
     """
+    from ..io.labels_files import (
+        LabelsGeometry,
+        create_zarr_labels,
+        is_labels,
+        labels_group_path,
+        write_ome_tiff,
+    )
+
     path = os.fspath(path)
-    data = np.asarray(data)
-    if data.dtype.kind not in "iub":
-        raise LabelsWriteError(f"labels must be integers, got dtype {data.dtype}")
-    if data.dtype == bool:
-        data = data.astype(np.uint8)
-    ndim = data.ndim
-    scale = [float(s) for s in (meta.get("scale") if meta.get("scale") is not None
+    dtype = np.dtype(getattr(data, "dtype", np.asarray(data).dtype))
+    if dtype.kind not in "iub":
+        raise LabelsWriteError(f"labels must be integers, got dtype {dtype}")
+    if dtype.kind == "b":
+        dtype = np.dtype(np.uint8)
+    shape = tuple(int(n) for n in data.shape)
+    ndim = len(shape)
+    scale = [float(v) for v in (meta.get("scale") if meta.get("scale") is not None
                                 else [1.0] * ndim)][-ndim:]
-    translate = [float(t) for t in (meta.get("translate") if meta.get("translate") is not None
+    translate = [float(v) for v in (meta.get("translate") if meta.get("translate") is not None
                                     else [0.0] * ndim)][-ndim:]
-    axes = _axes(ndim, meta.get("axis_labels"))
+    geo = LabelsGeometry(shape, _axes(ndim, meta.get("axis_labels")), scale, translate)
+    record = {"layer": str(meta.get("name") or "labels")}
     lower = path.rstrip("/\\").lower()
+
+    def slices():
+        lead = shape[:-2]
+        for pos in np.ndindex(*lead) if lead else [()]:
+            yield pos, np.asarray(data[pos]).astype(dtype, copy=False)
+
     if lower.endswith((".tif", ".tiff")):
         if os.path.isdir(path):
             raise LabelsWriteError(f"{path!r} is a folder; refusing to replace it with a TIFF")
-        _write_tiff(path, data, axes, scale)
+        write_ome_tiff(path, (s for _, s in slices()), geo, record=record, dtype=dtype)
     elif lower.endswith(".zarr"):
-        if os.path.exists(path) and not _is_labels_zarr(path):
+        target = labels_group_path(path, _safe(meta.get("name")))
+        if os.path.exists(target) and not is_labels(target):
             raise LabelsWriteError(
-                f"{path!r} exists and is not a labels folder written by napari-sam (an image "
-                "or an embedding store?); refusing to overwrite it: choose a new name")
-        _write_zarr(path, data, axes, scale, translate, meta.get("name"))
+                f"{path!r} exists and is neither an OME-Zarr image nor labels written by "
+                "napari-sam (an embedding store? your data?); refusing to overwrite it: choose a "
+                "new name")
+        if os.path.exists(target):
+            shutil.rmtree(target)  # checked above: labels; napari asked before replacing
+        arr = create_zarr_labels(path, geo, record=record, dtype=dtype.name,
+                                 name=_safe(meta.get("name")))
+        top = 0
+        for pos, values in slices():
+            arr[pos] = values
+            top = max(top, int(values.max()) if values.size else 0)
+        from ..io.labels_files import update_record
+
+        update_record(target, max_id=top)
     else:
         raise LabelsWriteError(f"cannot write labels to {path!r}: use .tif, .tiff or .zarr")
     return [path]
 
 
-def _write_tiff(path: str, data: np.ndarray, axes: str, scale: list[float]) -> None:
-    import tifffile
-
-    metadata: dict[str, Any] = {"axes": axes}
-    for letter, key in (("X", "PhysicalSizeX"), ("Y", "PhysicalSizeY"), ("Z", "PhysicalSizeZ")):
-        if letter in axes:
-            metadata[key] = scale[axes.index(letter)]
-            metadata[key + "Unit"] = "µm"
-    tmp = path + ".partial.tif"
-    tifffile.imwrite(tmp, data, ome=True, metadata=metadata, compression="zlib")
-    os.replace(tmp, path)  # a failed write never leaves a half-written target
-
-
-def _write_zarr(path: str, data: np.ndarray, axes: str, scale: list[float],
-                translate: list[float], name: Any) -> None:
-    import zarr
-
-    if os.path.exists(path):
-        shutil.rmtree(path)  # checked above: a labels folder written by napari-sam
-    group = zarr.open_group(path, mode="w", zarr_format=2)
-    chunks = (1,) * (data.ndim - 2) + data.shape[-2:]
-    arr = group.create_array("0", shape=data.shape, dtype=data.dtype, chunks=chunks,
-                             fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"})
-    arr[...] = data
-    kinds = {"T": "time", "C": "channel"}
-    group.attrs.update({
-        "napari_sam": {"kind": "labels", "version": 1},
-        "image-label": {"version": "0.4"},
-        "multiscales": [{
-            "version": "0.4",
-            "name": str(name or "labels"),
-            "axes": [{"name": a.lower(), "type": kinds.get(a, "space")} for a in axes],
-            "datasets": [{"path": "0", "coordinateTransformations": [
-                {"type": "scale", "scale": scale},
-                {"type": "translation", "translation": translate},
-            ]}],
-        }],
-    })
-
-
-def read_labels_zarr(path: str) -> tuple[Any, dict]:
-    """Open a labels folder written by :func:`write_labels` lazily.
-
-    Returns
-    -------
-    data : zarr.Array
-    kwargs : dict
-        ``scale``, ``translate`` and ``axis_labels`` for napari.
-    """
-    import zarr
-
-    group = zarr.open_group(path, mode="r")
-    ms = dict(group.attrs)["multiscales"][0]
-    ds = ms["datasets"][0]
-    kwargs: dict[str, Any] = {"axis_labels": tuple(a["name"] for a in ms["axes"])}
-    for t in ds.get("coordinateTransformations", []):
-        if t.get("type") == "scale":
-            kwargs["scale"] = tuple(t["scale"])
-        elif t.get("type") == "translation":
-            kwargs["translate"] = tuple(t["translation"])
-    return group[ds["path"]], kwargs
+def _safe(name: Any) -> str:
+    text = "".join(c if c.isalnum() or c in "-_" else "-" for c in str(name or "labels"))
+    return text.strip("-") or "labels"

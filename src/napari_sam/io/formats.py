@@ -72,6 +72,14 @@ def _scale_of(transforms: Any, ndim: int) -> list[float] | None:
     return None
 
 
+def _translation_of(transforms: Any, ndim: int) -> list[float] | None:
+    for t in transforms or []:
+        if isinstance(t, dict) and t.get("type") == "translation" \
+                and len(t.get("translation", [])) == ndim:
+            return [float(v) for v in t["translation"]]
+    return None
+
+
 def _from_multiscales(group: Any, ms: dict, source: str, path: str | None) -> SourceInfo:
     datasets = ms.get("datasets") or []
     if not datasets:
@@ -99,8 +107,16 @@ def _from_multiscales(group: Any, ms: dict, source: str, path: str | None) -> So
     if outer is not None:
         scale = [a * b for a, b in zip(scale, outer)]
     scale = [s if math.isfinite(s) and s > 0 else 1.0 for s in scale]
+    # NGFF: the dataset's translation, then the multiscale's (applied after its scale)
+    translate = _translation_of(level0.get("coordinateTransformations"), ndim) or [0.0] * ndim
+    outer_t = _translation_of(ms.get("coordinateTransformations"), ndim)
+    if outer is not None:
+        translate = [t * o for t, o in zip(translate, outer)]
+    if outer_t is not None:
+        translate = [t + o for t, o in zip(translate, outer_t)]
+    translate = [t if math.isfinite(t) else 0.0 for t in translate]
     return SourceInfo(data=data, axes=axes, scale=tuple(scale), units=tuple(units),
-                      source=source, path=path)
+                      translate=tuple(translate), source=source, path=path)
 
 
 def from_zarr_node(node: Any, *, source: str = "zarr", path: str | None = None) -> SourceInfo:

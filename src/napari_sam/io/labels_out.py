@@ -3,14 +3,14 @@
 Layout
 ------
 ``OUT.ome.zarr`` / ``OUT.zarr``
-    A zarr v2 group with OME-NGFF 0.4 ``multiscales`` metadata (one level, path ``"0"``,
-    the input's axes without C and its scale). ``0`` is a uint32 label array of shape
-    (slice axes..., Y, X) chunked one slice per chunk. The group's attrs
-    ``napari_sam = {"kind": "batch-labels", "job": <signature>, "complete": bool}`` say
-    which job wrote it.
+    NGFF 0.4 labels written by :mod:`.labels_files` (the widget's writer too): ``0`` is a
+    uint32 label array of shape (slice axes..., Y, X), one slice per chunk, with the
+    input's axes, scale and translation. An OME-Zarr *image* as OUT gets its labels in
+    ``labels/napari-sam``. The record ``napari_sam = {"kind": "labels", "job":
+    <signature>, "complete": bool, ...}`` says which job wrote it.
 ``OUT.tif`` / ``OUT.tiff``
-    Written once at the end (a temporary file, then ``os.replace``) from the labels array
-    in the work folder.
+    OME-TIFF, written once at the end (a temporary file, then ``os.replace``) from the
+    labels array in the work folder.
 ``OUT.partial.zarr`` (the work folder, removed when the job completes)
     ``done`` (one flag per slice, one chunk each, written after the slice's label chunk),
     the job's intermediates (per-object masks, per-slice automatic labels) and, for TIFF
@@ -24,36 +24,30 @@ touched unless ``overwrite=True``: :class:`OutputExistsError`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
-from .._errors import InvalidInputError, NapariSamError
+from .._errors import NapariSamError
+from .labels_files import (
+    LabelsGeometry,
+    create_zarr_labels,
+    labels_format,
+    labels_group_path,
+    read_record,
+    update_record,
+    write_ome_tiff,
+)
 
 __all__ = ["OutputExistsError", "Output", "output_format"]
 
-KIND = "batch-labels"
-_AXIS_TYPES = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
+output_format = labels_format
 
 
 class OutputExistsError(NapariSamError, FileExistsError):
     """The output exists and was not written by this job; pass overwrite to replace it."""
-
-
-def output_format(path: str | os.PathLike) -> str:
-    """``"zarr"`` for .zarr / .ome.zarr, ``"tiff"`` for .tif / .tiff."""
-    name = str(path).rstrip("/\\").lower()
-    if name.endswith(".zarr"):
-        return "zarr"
-    if name.endswith((".tif", ".tiff")):
-        return "tiff"
-    raise InvalidInputError(
-        f"output {str(path)!r} must end in .ome.zarr, .zarr, .tif or .tiff (the extension "
-        "chooses the format)"
-    )
 
 
 def _canon(sig: dict) -> dict:
@@ -67,32 +61,19 @@ def _rm(path: Path) -> None:
         path.unlink()
 
 
-_TIFF_TAG = 65421  # private tag holding our job record in TIFF outputs
-
-
 def _tiff_meta(path: Path) -> dict | None:
-    """Our job record of a TIFF written by a batch job, or None."""
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            tag = tif.pages[0].tags.get(_TIFF_TAG)
-            meta = json.loads(tag.value) if tag is not None else None
-    except Exception:  # noqa: BLE001 - any unreadable TIFF is simply not one of ours
-        return None
-    return meta if isinstance(meta, dict) and meta.get("kind") == KIND else None
+    return read_record(path)
 
 
 def _group_meta(path: Path) -> dict | None:
-    """Our attrs of a zarr group at ``path``, or None when it is not one of ours."""
+    """Our record in a labels group, or in a work folder (zarr v3, same record)."""
     import zarr
 
     try:
-        g = zarr.open_group(path, mode="r")
-        meta = g.attrs.get("napari_sam")
+        meta = zarr.open_group(path, mode="r").attrs.get("napari_sam")
     except Exception:  # noqa: BLE001 - any unreadable folder is simply not one of ours
         return None
-    return meta if isinstance(meta, dict) and meta.get("kind") == KIND else None
+    return meta if isinstance(meta, dict) and meta.get("kind") in ("labels", "batch-labels") else None
 
 
 class Output:
@@ -108,20 +89,22 @@ class Output:
         Label array shape, (slice axes..., Y, X).
     axes : str
         Its axes, e.g. ``"ZYX"``.
-    scale, units : sequence
+    scale, units, translate : sequence
         Per axis of ``axes``.
     overwrite : bool
         Replace an output that this job did not write.
     """
 
     def __init__(self, path, signature: dict, *, shape: tuple[int, ...], axes: str,
-                 scale, units, overwrite: bool = False) -> None:
-        self.path = Path(path)
-        self.format = output_format(self.path)
+                 scale, units, translate=None, overwrite: bool = False) -> None:
+        self.format = output_format(path)
+        self.path = labels_group_path(path) if self.format == "zarr" else Path(path)
         self.work = Path(str(self.path).rstrip("/\\") + ".partial.zarr")
         self.signature = _canon(signature)
-        self.shape, self.axes = tuple(int(s) for s in shape), axes
-        self.scale, self.units = [float(s) for s in scale], list(units)
+        self.geometry = LabelsGeometry(tuple(int(s) for s in shape), axes, list(scale),
+                                       list(translate or []), list(units))
+        self.shape, self.axes = self.geometry.shape, axes
+        self.scale, self.units = self.geometry.scale, self.geometry.units
         self.complete = False
         self._prepare(overwrite)
 
@@ -186,7 +169,7 @@ class Output:
         quiet_sibling_write_errors()
         work = zarr.open_group(self.work, mode="a", zarr_format=3)
         if "napari_sam" not in work.attrs:
-            work.attrs["napari_sam"] = {"kind": KIND, "job": self.signature, "complete": False}
+            work.attrs["napari_sam"] = {"kind": "labels", "job": self.signature, "complete": False}
         n = int(np.prod(self.shape[:-2])) if len(self.shape) > 2 else 1
         self.require(work, "done", (n,), (1,), "uint8")
         if self.format == "zarr":
@@ -203,28 +186,8 @@ class Output:
         return group[name]
 
     def _create_ome(self) -> None:
-        import zarr
-
-        root = zarr.open_group(self.path, mode="a", zarr_format=2)
-        if "0" not in root:
-            root.create_array("0", shape=self.shape, chunks=(1,) * (len(self.shape) - 2) + self.shape[-2:],
-                              dtype="uint32", fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"})
-        axes = []
-        for a, u in zip(self.axes, self.units):
-            entry: dict[str, Any] = {"name": a.lower()}
-            if a in _AXIS_TYPES:
-                entry["type"] = _AXIS_TYPES[a]
-            if u:
-                entry["unit"] = u
-            axes.append(entry)
-        root.attrs.update({
-            "multiscales": [{
-                "version": "0.4", "name": self.path.name.split(".")[0], "axes": axes,
-                "datasets": [{"path": "0", "coordinateTransformations": [
-                    {"type": "scale", "scale": self.scale}]}],
-            }],
-            "napari_sam": {"kind": KIND, "job": self.signature, "complete": False},
-        })
+        create_zarr_labels(self.path, self.geometry, name=self.path.name.split(".")[0],
+                           record={"job": self.signature, "complete": False})
 
     # ------------------------------------------------------------------ access
     @property
@@ -248,10 +211,9 @@ class Output:
         import zarr
 
         if self.format == "zarr":
-            root = zarr.open_group(self.path, mode="a")
-            meta = dict(root.attrs["napari_sam"])
-            meta["complete"] = True
-            root.attrs["napari_sam"] = meta
+            top = int(np.asarray(zarr.open_array(self.labels_path, mode="r")[...]).max()) \
+                if np.prod(self.shape) <= 2**28 else None
+            update_record(self.path, complete=True, **({} if top is None else {"max_id": top}))
         else:
             self._write_tiff()
             work = zarr.open_group(self.work, mode="a")
@@ -262,7 +224,6 @@ class Output:
         self.complete = True
 
     def _write_tiff(self) -> None:
-        import tifffile
         import zarr
 
         arr = zarr.open_array(self.labels_path, mode="r")
@@ -270,18 +231,8 @@ class Output:
 
         def pages() -> Iterator[np.ndarray]:
             for i in range(n):
-                pos = np.unravel_index(i, self.shape[:-2]) if n > 1 or len(self.shape) > 2 else ()
+                pos = np.unravel_index(i, self.shape[:-2]) if len(self.shape) > 2 else ()
                 yield np.asarray(arr[tuple(int(p) for p in pos)])
 
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        meta: dict[str, Any] = {"axes": self.axes}
-        ome = set(self.axes) <= set("TZCYX")
-        if ome:
-            for a, s in zip(self.axes, self.scale):
-                if a in "ZYX":
-                    meta[f"PhysicalSize{a}"] = s
-        record = json.dumps({"kind": KIND, "job": self.signature, "complete": True})
-        tifffile.imwrite(tmp, data=pages(), shape=self.shape, dtype=np.uint32, ome=ome,
-                         metadata=meta, compression="zlib", photometric="minisblack",
-                         extratags=[(_TIFF_TAG, "s", 0, record, True)])
-        os.replace(tmp, self.path)
+        write_ome_tiff(self.path, pages(), self.geometry,
+                       record={"job": self.signature, "complete": True})

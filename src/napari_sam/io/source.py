@@ -74,6 +74,7 @@ class SourceInfo:
     axes: str | None
     scale: tuple[float, ...] | None = None
     units: tuple[str | None, ...] | None = None
+    translate: tuple[float, ...] | None = None  # physical origin per axis (OME-Zarr translation)
     rgb_hint: bool = False  # the file says its C axis holds RGB(A) samples
     source: str = "array"
     path: str | None = None  # set for file sources: used to reopen after pickling

@@ -75,6 +75,8 @@ class Stack:
         Dtype of the slices.
     scale, units : tuple
         Physical pixel size and its unit per axis (1.0 / None where unknown).
+    translate : tuple
+        Physical position of the first pixel per axis (OME-Zarr translation; else 0.0).
     slice_axes : str
         Axes enumerated by the slice index: all but Y, X, C in source order (``""`` for
         a single 2D image).
@@ -119,6 +121,7 @@ class Stack:
         n = len(shape)
         self.scale = tuple(float(s) for s in info.scale) if info.scale else (1.0,) * n
         self.units = tuple(info.units) if info.units else (None,) * n
+        self.translate = tuple(float(t) for t in info.translate) if info.translate else (0.0,) * n
         self.slice_axes = "".join(a for a in axes if a not in _PLANE)
         self._slice_dims = tuple(shape[axes.index(a)] for a in self.slice_axes)
         self.slice_shape = (shape[axes.index("Y")], shape[axes.index("X")])
@@ -343,7 +346,8 @@ class Stack:
             payload: Any = info.path
         else:
             payload = SourceInfo(data=info.data, axes=info.axes, scale=info.scale,
-                                 units=info.units, rgb_hint=info.rgb_hint, source=info.source)
+                                 units=info.units, translate=info.translate,
+                                 rgb_hint=info.rgb_hint, source=info.source)
         return (_restore, (payload, self._options(), self._computed))
 
     def __repr__(self) -> str:

@@ -102,11 +102,11 @@ def _signature(kind: str, stack, sam_model, objects, params, tile_above: int) ->
 
 
 def _output(out, sig, stack, overwrite) -> Output:
-    axes = stack.slice_axes + "YX"
-    shape = tuple(stack.shape[stack.axes.index(a)] for a in axes)
-    scale = [stack.scale[stack.axes.index(a)] for a in axes]
-    units = [stack.units[stack.axes.index(a)] for a in axes]
-    return Output(out, sig, shape=shape, axes=axes, scale=scale, units=units, overwrite=overwrite)
+    from ..io.labels_files import LabelsGeometry
+
+    geo = LabelsGeometry.of_stack(stack)
+    return Output(out, sig, shape=geo.shape, axes=geo.axes, scale=geo.scale, units=geo.units,
+                  translate=geo.translate, overwrite=overwrite)
 
 
 def _job(kind, sig, stack, ref, cache, output: Output, objects, params, tile_above: int) -> Job:
