@@ -58,6 +58,8 @@ _LAZY = {
     "ChecksumError": "_errors",
     "DownloadError": "_errors",
     "StackError": "_errors",
+    # provenance
+    "read_provenance": "io.provenance",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -88,6 +90,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .engine.cache import EmbeddingCache
     from .engine.prompt import Prompt
     from .engine.segment import Prediction, Segmenter
+    from .io.provenance import read_provenance
     from .io.stacks import Stack, open_stack
     from .labels import LabelHistory, PaintResult, UndoRecord, paint, redo, undo
     from .models import REGISTRY, Architecture, SamModel, default_model_name, list_models, load_model

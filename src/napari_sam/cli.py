@@ -138,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sample-nuclei", type=int, default=30, help=argparse.SUPPRESS)
         _common(p)
 
+    p = sub.add_parser("replay", help="run every object's recorded prompts again",
+                       description="Replay the provenance of a labels file: with the same model "
+                       "it reproduces the labels; with another one it writes new labels and a "
+                       "per-object report (IoU old vs new) as OUT.report.csv.")
+    p.add_argument("labels", metavar="LABELS", help="labels written by napari-sam")
+    p.add_argument("--out", "-o", help="new labels (default LABELS.replay with its extension)")
+    p.add_argument("--image", help="the image, if it moved since the labels were made")
+    _common(p, workers=False)
+
     p = sub.add_parser("auto", help="segment everything (grid of points) and merge in 3D",
                        description="Automatic segmentation of every slice, merged across slices.")
     p.add_argument("stack", metavar="STACK")
@@ -260,6 +269,16 @@ def _run(args) -> int:
     bar = _Bar(args.quiet, args.command)
     options: dict[str, Any] = {"model": args.model, "checkpoint": args.checkpoint,
                                "device": args.device, "tile_above": args.tile_above}
+    if args.command == "replay":
+        from .workflows.replay import replay
+
+        try:
+            res = replay(args.labels, model=args.model, checkpoint=args.checkpoint,
+                         device=args.device, out=args.out, image=args.image, progress=bar)
+        finally:
+            bar.close()
+        print(res.summary())
+        return 0
     if args.command == "embed":
         from .io.places import embedding_store_for
 

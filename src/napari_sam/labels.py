@@ -33,6 +33,9 @@ __all__ = [
     "redo",
     "next_label_id",
     "grown_dtype",
+    "apply_changes",
+    "object_changes",
+    "volume_changes",
 ]
 
 _UNSIGNED = (np.uint8, np.uint16, np.uint32, np.uint64)
@@ -324,3 +327,59 @@ class LabelHistory:
     def clear(self) -> None:
         self._undo.clear()
         self._redo.clear()
+
+
+# ---------------------------------------------------------------------- commit rules
+# The pixel rules of the widget's commits and tools, as plain functions: the widget writes
+# the changes through napari's history, replay (napari_sam.workflows.replay) into arrays.
+Change = tuple  # (ys, xs, value): pixels of a slice and the value they get
+
+
+def object_changes(current: np.ndarray, masks: Sequence[np.ndarray], label_ids: Sequence[int], *,
+                   overwrite: bool, replace: int | None = None
+                   ) -> tuple[list[Change], list[int | None]]:
+    """The pixels a commit of several objects on one (Y, X) slice changes.
+
+    Objects are painted in order and never over an earlier object of the same commit;
+    existing labels are kept unless ``overwrite``. With ``replace`` (refining a label),
+    that label's pixels outside the new mask become 0.
+
+    Returns
+    -------
+    changes : list of (ys, xs, value)
+    painted : list of int or None
+        Per object, its id, or None when it got no pixel (skipped).
+    """
+    changes: list[Change] = []
+    painted: list[int | None] = []
+    mine = np.zeros(current.shape, bool)
+    for m, label_id in zip(masks, label_ids):
+        m = np.asarray(m, bool)
+        free = m & ~mine & ((current == 0) | (current == label_id) | overwrite)
+        if replace is not None:
+            gone = (current == replace) & ~m
+            if gone.any():
+                changes.append((*np.nonzero(gone), 0))
+        if not free.any() and not (replace is not None and changes):
+            painted.append(None)
+            continue
+        mine |= free
+        ys, xs = np.nonzero(free & (current != label_id))
+        changes.append((ys, xs, int(label_id)))
+        painted.append(int(label_id))
+    return changes, painted
+
+
+def volume_changes(current: np.ndarray, values: np.ndarray, *, overwrite: bool) -> Change:
+    """The pixels where ``values`` (ids > 0 where set) is written onto a (Y, X) slice;
+    existing labels are kept unless ``overwrite``."""
+    free = (values > 0) & ((current == 0) | overwrite) & (current != values)
+    ys, xs = np.nonzero(free)
+    return ys, xs, values[ys, xs]
+
+
+def apply_changes(labels: np.ndarray, position: Sequence[int], changes: Sequence[Change]) -> None:
+    """Write ``changes`` into the slice of ``labels`` at leading ``position`` (in place)."""
+    view = labels[tuple(int(p) for p in position)]
+    for ys, xs, value in changes:
+        view[ys, xs] = value

@@ -36,6 +36,7 @@ class Request:
     index: int
     position: tuple[int, ...]
     objects: tuple[Prompt, ...]
+    chains: tuple[tuple[dict, ...], ...] = ()  # per object, the prompt steps before this one
     seq: int = field(default_factory=lambda: next(_seq))
 
     def key(self) -> tuple:
@@ -249,17 +250,21 @@ class SamController:
             return None
         geo = self.geometry()
         index = geo.index(pos)
-        objects = tuple(self._refined(index, p) for p in prompts.objects)
-        req = Request(self.settings(), index, pos, objects)
+        refined = [self._refined(index, p) for p in prompts.objects]
+        req = Request(self.settings(), index, pos, tuple(p for p, _ in refined),
+                      tuple(c for _, c in refined))
         if self._last_request is not None and self._last_request.key() == req.key():
             return None  # nothing changed (a dims event, a re-selection)
         self._last_request = req
         return req
 
-    def _refined(self, index: int, prompt: Prompt) -> Prompt:
+    def _refined(self, index: int, prompt: Prompt) -> tuple[Prompt, tuple[dict, ...]]:
+        """The prompt (with the logits to refine from) and the steps that led to it."""
+        from ..workflows.records import step
+
         shown = self.answer_shown
         if shown is None or shown.request.index != index or prompt.n_points == 0:
-            return prompt
+            return prompt, ()
         for k, old in enumerate(shown.request.objects):
             same_box = (old.box is None) == (prompt.box is None) and (
                 old.box is None or np.array_equal(old.box, prompt.box))
@@ -267,8 +272,11 @@ class SamController:
             if (same_box and 0 < n < prompt.n_points
                     and np.array_equal(old.points, prompt.points[:n])
                     and np.array_equal(old.labels, prompt.labels[:n])):
-                return prompt.with_mask_input(shown.logits(k))
-        return prompt
+                before = shown.request.chains[k] if shown.request.chains else ()
+                done = step(old.with_mask_input(None), refine=old.mask_input is not None,
+                            mask=shown.chosen[k])
+                return prompt.with_mask_input(shown.logits(k)), (*before, done)
+        return prompt, ()
 
     def warm_up(self) -> Request | None:
         """A request without objects: the worker loads the model and opens the engine, so
@@ -337,10 +345,14 @@ class SamController:
             return []
         layer = self.target_labels()
         masks = [ans.mask(k) for k in range(len(ans.predictions))]
-        ids = L.paint_objects(layer, ans.request.position, masks, overwrite=self.overwrite,
-                              ids=self.ids)
+        painted = L.paint_objects(layer, ans.request.position, masks, overwrite=self.overwrite,
+                                  ids=self.ids)
+        ids = [i for i in painted if i is not None]
         if ids:
             self.last_committed = ids[-1]
+            from .provenance import commit_records, keep
+
+            keep(self, layer, commit_records(self, ans, painted))
         where = self.where(ans.request.position)
         where = f" on {where}" if where else ""
         self.clear_prompts()

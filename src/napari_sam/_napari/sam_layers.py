@@ -186,32 +186,29 @@ def paint_objects(layer: Any, position: Sequence[int], masks: Sequence[np.ndarra
 
     Returns
     -------
-    list of int
-        The ids painted (objects with no free pixel are skipped).
+    list of int or None
+        Per object, the id it was painted under (None: no free pixel, skipped).
     """
+    from ..labels import object_changes
+
     pos = tuple(int(p) for p in position)
     current = np.array(layer.data[pos], copy=True)
-    painted: list[int] = []
-    changes: list[tuple[np.ndarray, np.ndarray, int]] = []
-    mine = np.zeros(current.shape, bool)
-    for k, m in enumerate(masks):
-        m = np.asarray(m, bool)
-        label_id = ids.next(layer) if label_ids is None else int(label_ids[k])
-        free = m & ~mine & ((current == 0) | (current == label_id) | overwrite)
-        if replace is not None:
-            gone = (current == replace) & ~m
-            if gone.any():
-                changes.append((*np.nonzero(gone), 0))
-        if not free.any() and not (replace is not None and changes):
-            continue
-        mine |= free
-        ys, xs = np.nonzero(free & (current != label_id))
-        changes.append((ys, xs, label_id))
-        painted.append(label_id)
-        if label_ids is None:
-            ids.used(label_id)
+    if label_ids is None:
+        start = ids.next(layer)
+        label_ids = list(range(start, start + len(masks)))
+        fresh = True
+    else:
+        fresh = False
+    changes, painted = object_changes(current, masks, label_ids, overwrite=overwrite,
+                                      replace=replace)
+    got = [v for v in painted if v is not None]
+    if fresh and got:  # ids of skipped objects are handed out to the next ones
+        remap = {old: start + k for k, old in enumerate(got)}
+        changes = [(ys, xs, remap.get(v, v)) for ys, xs, v in changes]
+        painted = [None if v is None else remap[v] for v in painted]
+        ids.used(max(remap.values()))
     if not changes:
-        return []
+        return [None] * len(masks)
     grow_for(layer, max(c[2] for c in changes))
     ids.painting(True)
     try:
@@ -230,15 +227,15 @@ def paint_volume(layer: Any, slices: dict[tuple[int, ...], np.ndarray], *, overw
 
     Existing labels are kept unless ``overwrite``. Returns the number of pixels changed.
     """
+    from ..labels import volume_changes
+
     changed = 0
     with layer.block_history():
         for pos, values in slices.items():
-            current = np.asarray(layer.data[pos])
-            free = (values > 0) & ((current == 0) | overwrite) & (current != values)
-            ys, xs = np.nonzero(free)
+            ys, xs, vals = volume_changes(np.asarray(layer.data[pos]), values, overwrite=overwrite)
             if len(ys):
                 index = tuple(np.full(len(ys), p) for p in pos) + (ys, xs)
-                layer.data_setitem(index, values[ys, xs].astype(layer.data.dtype))
+                layer.data_setitem(index, vals.astype(layer.data.dtype))
                 changed += len(ys)
     return changed
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import sam_layers as L
+from .provenance import keep, tool_record
 
 if TYPE_CHECKING:  # pragma: no cover
     from .controller import SamController
@@ -103,6 +104,10 @@ def propagate(ctrl: "SamController", *, label_id: int, axis: int, lo: int | None
             if tuple(p) != pos:
                 slices[tuple(p)] = np.where(res.mask[z], label_id, 0)
         L.paint_volume(layer, slices, overwrite=ctrl.overwrite)
+        keep(ctrl, layer, [tool_record(
+            ctrl, label_ids=[label_id], source="propagation", parent=label_id, position=pos,
+            params={"axis": axis, "limits": [z_lo, z_hi], "min_score": min_score,
+                    "min_iou": min_iou, "overwrite": ctrl.overwrite})])
         acc = res.accepted
         span = f"{name} {acc[0]}..{acc[-1]}" if acc else "no slice"
         stops = ", ".join(f"{d}: {why}" for d, why in res.stop.items())
@@ -149,6 +154,11 @@ def everything(ctrl: "SamController", *, axis: int | None = None, lo: int | None
             L.grow_for(layer, start + n)
         changed = L.paint_volume(layer, shifted, overwrite=False)
         ctrl.ids.used(start + n)
+        if n:
+            keep(ctrl, layer, [tool_record(
+                ctrl, label_ids=range(start + 1, start + n + 1), source="automatic",
+                position=line[0], params={"positions": [list(p) for p in line], "start": start,
+                                          "options": dict(auto)})])
         where = (ctrl.where(line[0]) or "the image") if len(line) == 1 else f"{len(line)} slices"
         return (f"Segment everything: {n} object(s) on {where} as labels {start + 1}..{start + n} "
                 f"({changed} pixels; existing labels kept).") if n else (
@@ -175,6 +185,9 @@ def refine(ctrl: "SamController", *, label_id: int) -> ToolRun:
     def apply(new_mask) -> str:
         L.paint_objects(layer, pos, [new_mask], overwrite=ctrl.overwrite, ids=ctrl.ids,
                         label_ids=[label_id], replace=label_id)
+        keep(ctrl, layer, [tool_record(ctrl, label_ids=[label_id], source="refinement",
+                                       parent=label_id, position=pos,
+                                       params={"overwrite": ctrl.overwrite})])
         return (f"Refined label {label_id} on {ctrl.where(pos) or 'the image'}: {int(mask.sum())} -> "
                 f"{int(np.count_nonzero(new_mask))} pixels.")
 

@@ -117,6 +117,12 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
         update_record(target, max_id=top)
     else:
         raise LabelsWriteError(f"cannot write labels to {path!r}: use .tif, .tiff or .zarr")
+    records = (meta.get("metadata") or {}).get("napari_sam_provenance")
+    if records:  # how the widget made the objects: stored with them
+        from ..io.provenance import append_records
+
+        where = target if lower.endswith(".zarr") else path
+        append_records(where, records, replace=True)
     return [path]
 
 

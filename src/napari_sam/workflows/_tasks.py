@@ -22,7 +22,7 @@ from ..engine.prompt import Prompt
 from ..io.prompt_files import ObjectPrompt
 
 __all__ = ["Job", "ModelRef", "Progress", "as_prompt", "mark_done", "model_ref", "open_array", "run_units",
-           "slot", "task_auto", "task_embed", "task_propagate", "task_segment"]
+           "segmenter_of", "slot", "task_auto", "task_embed", "task_propagate", "task_segment"]
 
 Progress = Callable[[int, int], None]
 
@@ -88,6 +88,11 @@ class Job:
     params: dict
     seg_key: str = ""  # same stack, model and cache: same Segmenter (and memory cache)
     tile_above: int = 0  # tile slices larger than this (see napari_sam.workflows.tiling)
+
+
+def segmenter_of(job: Job):
+    """The process's segmenter for the job's stack, model and cache (made once)."""
+    return _segmenter(job)
 
 
 def _segmenter(job: Job):

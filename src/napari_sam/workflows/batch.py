@@ -209,6 +209,7 @@ def segment_prompts(stack, prompts, out, *, model=None, checkpoint=None, device=
         result.computed = len(todo)
         result.encoder_calls = run_units(job, task_segment, todo, client=client, progress=progress,
                                     offset=result.resumed, total=len(slices))
+        _write_provenance(job, output, stack, "segment")
         output.finish()
     result.seconds = time.perf_counter() - t0
     return result
@@ -250,9 +251,30 @@ def propagate_prompts(stack, prompts, out, *, strategy: str | None = None, min_s
         result.encoder_calls = run_units(job, task_propagate, todo, client=client, progress=progress,
                                     offset=result.resumed, total=n_groups)
         result.info = _compose(job, output, stack)
+        _write_provenance(job, output, stack, "propagate")
         output.finish()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _write_provenance(job: Job, output: Output, stack, kind: str, *, n_auto: int = 0) -> None:
+    """How every object of the output was made (:mod:`napari_sam.io.provenance`), written
+    whole before the output is marked complete (a resumed job writes it again)."""
+    from ..io.provenance import append_records
+    from ._tasks import as_prompt, segmenter_of
+    from .records import record, step
+
+    seg = segmenter_of(job)
+    image = str(stack.path) if getattr(stack, "path", None) else None
+    if kind == "auto":
+        records = [record(seg, label_ids=range(1, n_auto + 1), source="automatic", position=(),
+                          params=job.params, image_path=image)]
+    else:
+        source = "prompts" if kind == "segment" else "propagation"
+        records = [record(seg, label_ids=[k + 1], source=source, position=slot(stack, o.index),
+                          steps=[step(as_prompt(o))], params=job.params, image_path=image)
+                   for k, o in enumerate(job.objects)]
+    append_records(output.path, records, replace=True)
 
 
 def _compose(job: Job, output: Output, stack) -> dict:
@@ -324,6 +346,7 @@ def auto_segment(stack, out, *, points_per_side: int = 16, pred_iou_thresh: floa
             for index in line:
                 labels[slot(stack, index)] = linker.link(np.asarray(slices[index]))
         result.n_objects = linker.next_id - 1
+        _write_provenance(job, output, stack, "auto", n_auto=result.n_objects)
         output.finish()
     result.seconds = time.perf_counter() - t0
     return result
