@@ -90,6 +90,9 @@ class SamController:
         self.answer_shown: Answer | None = None
         self.last_committed = 0  # the newest id committed by this widget
         self.ids = L.IdCounter()
+        from .autosave import Autosave
+
+        self.autosave = Autosave(self)
         self._last_request: Request | None = None
 
     # ------------------------------------------------------------------ geometry
@@ -204,8 +207,8 @@ class SamController:
             layer = self.labels_layer
         if layer is None:
             layer = L.find(self.viewer, L.LABELS_NAME, "labels")
-        if layer is None and create:
-            layer = L.new_labels_layer(self.viewer, geo)
+        if layer is None and create:  # saved as you go beside the image file, else in memory
+            layer = self.autosave.open(create=True) or L.new_labels_layer(self.viewer, geo)
         if layer is not None and tuple(layer.data.shape) != geo.labels_shape:
             raise ValueError(
                 f"labels layer {layer.name!r} has shape {tuple(layer.data.shape)}, but the "

@@ -97,6 +97,8 @@ class SamWidget(ToolActions, Container):
             w.changed.connect(self._on_engine_settings)
         for w in (self.cache, self.cache_folder, self.tile_above):
             w.changed.connect(self._on_engine_settings)
+        self.save_as_you_go.changed.connect(
+            lambda v: setattr(self.ctrl.autosave, "enabled", bool(v)))
         self.positive.changed.connect(self._on_positive)
         self.overwrite.changed.connect(lambda v: setattr(self.ctrl, "overwrite", bool(v)))
         buttons: dict[PushButton, Callable[[], Any]] = {
@@ -205,9 +207,20 @@ class SamWidget(ToolActions, Container):
     def _prepare_prompt_layers(self) -> None:
         """SAM layers for the image, "SAM points" active in add mode; then a refresh."""
         self.ctrl.prepare_layers()
+        self._restore()
         self._hook_prompt_layers()
         self.ctrl.activate_points()
         self._schedule()
+
+    def _restore(self) -> None:
+        """Open the labels saved as you go for this image, when there are some."""
+        if L.find(self.viewer, L.LABELS_NAME, "labels") is not None:
+            return
+        layer = self._guard(lambda: self.ctrl.autosave.open(create=False))
+        if layer is not None:
+            n = len(layer.metadata.get("napari_sam_provenance", []))
+            self.messages.status(f"Restored the labels saved in {self.ctrl.autosave.path} "
+                                 f"({n} recorded operations) and the prompts in progress.")
 
     def _on_channels(self, values: Any) -> None:
         values = [v for v in (values or []) if v is not None]
@@ -289,6 +302,7 @@ class SamWidget(ToolActions, Container):
         if action.endswith("added") and same_layer(event.source, self.ctrl.points_layer(False)):
             flip, self._shift_flip = self._shift_flip, False
             self.ctrl.on_points_added(getattr(event, "data_indices", ()), flip=flip)
+        self._guard(self.ctrl.autosave.save_prompts)
         self._schedule()
 
     def _on_positive(self, value: bool) -> None:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["IMAGE_SUFFIXES", "STORE_SUFFIX", "embedding_store_for", "find_embedding_store",
-           "image_stem"]
+__all__ = ["IMAGE_SUFFIXES", "LABELS_SUFFIX", "STORE_SUFFIX", "embedding_store_for",
+           "find_embedding_store", "image_stem", "labels_file_for"]
 
 #: image suffixes stripped from a file name to give its stem (longest first)
 IMAGE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr", ".btf")
 STORE_SUFFIX = ".embeddings.zarr"
+LABELS_SUFFIX = ".labels.ome.zarr"
 
 
 def image_stem(path: str | os.PathLike) -> str:
@@ -67,3 +68,16 @@ def find_embedding_store(image: str | os.PathLike | None) -> Path | None:
         return None
     store = embedding_store_for(image)
     return store if store.exists() else None
+
+
+def labels_file_for(image: str | os.PathLike) -> Path:
+    """Where the widget saves the labels of an image as you go: ``cells.tif`` ->
+    ``cells.labels.ome.zarr`` beside it; an OME-Zarr image keeps them in its own
+    ``labels/napari-sam`` group (NGFF)."""
+    from .labels_files import labels_group_path
+
+    image = Path(os.fspath(image).rstrip("/\\"))
+    inside = labels_group_path(image, "napari-sam")
+    if inside != image:
+        return inside
+    return image.parent / (image_stem(image) + LABELS_SUFFIX)
