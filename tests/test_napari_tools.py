@@ -202,6 +202,50 @@ def test_refine_a_label(open_widget, nuclei, qtbot, tiny_model):
     assert w.refine_label() is None and "Label 99 is not on Z 3" in w.messages.last_status
 
 
+def test_every_label_of_a_slice_from_another_tool(open_widget, nuclei, qtbot, tiny_model):
+    """Labels made elsewhere (a Labels layer chosen in the widget) as prompts: refine all
+    of the slice in view, then follow them through Z; each is one undo step."""
+    from napari_sam.workflows.from_labels import label_masks, propagated_slices, refine_slice
+    from napari_sam.workflows.volume import Seed, propagate_many
+
+    viewer, w = _open_wide(open_widget, nuclei)
+    theirs = np.zeros(nuclei.shape, np.int32)
+    theirs[Z, 30:52, 60:82] = 4
+    theirs[Z, 90:110, 20:44] = 9
+    theirs[Z + 1, 0:10, 0:10] = 2  # on another slice: kept by both tools
+    layer = viewer.add_labels(theirs.copy(), name="stardist")
+    w.labels.value = layer
+    go_to(viewer, viewer.layers["img"], Z)
+    settle(qtbot, w)
+    w.every_label.value = True
+    _run(qtbot, w, w.refine_label())
+    seg = engine(tiny_model, nuclei)
+    want, rows = refine_slice(seg, Z, theirs[Z])
+    np.testing.assert_array_equal(layer.data[Z], want)
+    np.testing.assert_array_equal(np.delete(layer.data, Z, 0), np.delete(theirs, Z, 0))
+    assert "Refined 2 labels on Z 3" in w.messages.last_status
+    w.undo()
+    np.testing.assert_array_equal(layer.data, theirs)
+    _run(qtbot, w, w.propagate())
+    objects = label_masks(theirs[Z])
+    res = propagate_many(seg, [Seed(Z, mask=m) for _, m in objects], min_score=-1000.0, min_iou=0.0)
+    slices = propagated_slices([4, 9], res, place=lambda z: (z,))
+    assert slices
+    for (z,), values in slices.items():
+        free = theirs[z] == 0
+        np.testing.assert_array_equal(layer.data[z][free], values[free])
+        np.testing.assert_array_equal(layer.data[z][~free], theirs[z][~free])
+    np.testing.assert_array_equal(layer.data[Z], theirs[Z])
+    assert "Propagated 2 labels of Z 3" in w.messages.last_status
+    w.undo()
+    np.testing.assert_array_equal(layer.data, theirs)
+    w.every_label.value = False
+    empty = viewer.add_labels(np.zeros(nuclei.shape, np.int32), name="empty")
+    w.labels.value = empty
+    w.every_label.value = True
+    assert w.refine_label() is None and "no labels on Z 3" in w.messages.last_status
+
+
 def test_precompute_a_range(open_widget, nuclei, qtbot):
     viewer, w = open_widget(nuclei)
     w.from_spin.value, w.to_spin.value = 1, 4

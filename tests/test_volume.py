@@ -52,6 +52,39 @@ def test_merge_one_to_one_and_threshold():
     assert set(np.unique(out[1]).tolist()) == {2, 3}
 
 
+def test_merge_matches_optimally_where_greedy_fails():
+    """Previous slice: B1 = x 0..9, B2 = x 10..19. Now: A1 = x 3..14, A2 = x 0..2.
+    IoU(A1, B1) = 7/15, IoU(A1, B2) = 5/17, IoU(A2, B1) = 3/10. Greedy takes the best pair
+    (A1-B1) and leaves A2 unmatched; the optimal matching links both (A1-B2, A2-B1)."""
+    s = np.zeros((2, 1, 20), np.uint8)
+    s[0, 0, 0:10], s[0, 0, 10:20] = 1, 2
+    s[1, 0, 3:15], s[1, 0, 0:3] = 1, 2
+    out = auto_mod.merge_slices(s, min_iou=0.25)
+    assert set(np.unique(out[1]).tolist()) == {0, 1, 2}  # no new id: both objects continue
+    assert (out[1, 0, 3:15] == 2).all() and (out[1, 0, 0:3] == 1).all()
+
+
+def test_small_region_cleanup_as_sams_generator():
+    m = np.zeros((30, 30), bool)
+    m[5:25, 5:25] = True
+    m[10:12, 10:12] = False     # a 4-pixel hole
+    m[14:20, 14:20] = False     # a 36-pixel hole
+    m[0, 0] = m[28, 28] = True  # two 1-pixel islands
+    out = auto_mod._clean(m, 10)
+    assert out[10:12, 10:12].all() and not out[14:20, 14:20].any()
+    assert not out[0, 0] and not out[28, 28]
+    assert out.sum() == 400 - 36
+
+
+def test_auto_with_small_region_cleanup(tiny_model, synthetic_stack):
+    seg = ns.Segmenter(tiny_model, ns.open_stack(synthetic_stack))
+    opts = dict(points_per_side=4, pred_iou_thresh=-1000.0, stability_score_thresh=-1.0)
+    plain = auto_mod.auto_segment_slice(seg, 2, **opts)
+    clean = auto_mod.auto_segment_slice(seg, 2, min_region_area=50, **opts)
+    assert plain.shape == clean.shape and clean.max() >= 1
+    assert all(np.count_nonzero(clean == k) >= 16 for k in range(1, int(clean.max()) + 1))
+
+
 # ---------------------------------------------------------------- propagation with a decoder we control
 def _disk(shape, cy, cx, r):
     yy, xx = np.indices(shape)

@@ -92,6 +92,9 @@ def build_form(w: "SamWidget") -> None:
     w.to_spin = SpinBox(label="to", min=0, max=0)
     w.label_id = SpinBox(label="Label", min=0, max=2**31 - 1, value=0,
                          tooltip="Label id for Propagate and Refine; 0: the last committed")
+    w.every_label = CheckBox(value=False, text="all on this slice",
+                             tooltip="Propagate and Refine act on every label of the slice in "
+                             "view (existing labels from any tool as prompts)")
     w.propagate_btn = PushButton(text="Propagate", tooltip="Follow the label through the slices "
                                  "in both directions until it vanishes (within From..to)")
     w.refine_btn = PushButton(text="Refine", tooltip="The label becomes SAM's prompt (its box "
@@ -101,7 +104,8 @@ def build_form(w: "SamWidget") -> None:
     w.everything_range = CheckBox(value=False, text="on From..to")
     w.precompute_btn = PushButton(text="Precompute", tooltip="Embed the slices From..to")
     w.volume_box = Container(widgets=[
-        w.axis, _row(w.from_spin, w.to_spin, label="Slices"), w.label_id, _row(w.propagate_btn, w.refine_btn),
+        w.axis, _row(w.from_spin, w.to_spin, label="Slices"), _row(w.label_id, w.every_label, label="Label"),
+        _row(w.propagate_btn, w.refine_btn),
         _row(w.everything_btn, w.everything_range), w.precompute_btn])
 
     # settings
@@ -111,6 +115,10 @@ def build_form(w: "SamWidget") -> None:
                                "(napari-sam embed writes it), else memory only")
     w.cache_folder = FileEdit(label="Folder", mode="d", visible=False)
     w.prefetch = CheckBox(value=True, text="Prefetch next slices")
+    w.save_as_you_go = CheckBox(value=True, text="Save labels as you go",
+                                tooltip="SAM labels of an image file live in <name>.labels.ome.zarr "
+                                        "beside it (an OME-Zarr image: its labels/ group): every "
+                                        "commit is on disk at once, and reopening restores it")
     w.tile_above = SpinBox(label="Tile above px", min=0, max=100_000, value=2048,
                            tooltip="Slices whose longest side exceeds this are segmented on "
                                    "1024 px tiles at full resolution (0: never)")
@@ -126,7 +134,8 @@ def build_form(w: "SamWidget") -> None:
                                       tooltip="Masks with a lower predicted IoU are dropped")
     w.everything_stability = FloatSpinBox(label="Everything: min stability", min=-1.0, max=1.0,
                                           step=0.01, value=0.95)
-    settings = Container(widgets=[w.device, w.cache, w.cache_folder, w.prefetch, w.tile_above,
+    settings = Container(widgets=[w.device, w.cache, w.cache_folder, w.prefetch, w.save_as_you_go,
+                                  w.tile_above,
                                   w.propagate_score, w.propagate_iou, w.everything_points, w.everything_score,
                                   w.everything_stability])
 

@@ -71,11 +71,12 @@ def boxes_layer(viewer: Any, geo: ImageGeometry | None, *, create: bool = True) 
     return layer
 
 
-def new_labels_layer(viewer: Any, geo: ImageGeometry) -> Any:
-    """A new "SAM labels" layer of one channel's shape on the image's grid."""
+def new_labels_layer(viewer: Any, geo: ImageGeometry, data: Any = None) -> Any:
+    """A new "SAM labels" layer of one channel's shape on the image's grid (in memory, or
+    over ``data``: the zarr array of the labels file saved as you go)."""
     shape = geo.labels_shape
-    return viewer.add_labels(np.zeros(shape, np.uint16), name=LABELS_NAME, opacity=0.6,
-                             **_grid(geo, len(shape)))
+    data = np.zeros(shape, np.uint16) if data is None else data
+    return viewer.add_labels(data, name=LABELS_NAME, opacity=0.6, **_grid(geo, len(shape)))
 
 
 def preview_layer(viewer: Any, geo: ImageGeometry, *, create: bool = True) -> Any:
@@ -126,14 +127,26 @@ class IdCounter:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._next = 1
+        self._known: tuple[int, int] | None = None
 
     def _scan(self, layer: Any) -> int:
         data = layer.data
         if getattr(data, "size", 1) == 0:
             return 1
-        top = data.max()
-        top = top.compute() if hasattr(top, "compute") else top
+        if self._known is not None and self._known[0] == id(data):
+            return self._known[1]
+        if isinstance(data, np.ndarray):
+            top = data.max()
+        else:  # a lazy array (zarr): streamed chunk by chunk, never loaded whole
+            import dask.array as da
+
+            top = da.from_array(data, chunks=getattr(data, "chunks", "auto")).max().compute()
         return max(int(top), 0) + 1
+
+    def start_from(self, layer: Any, next_id: int) -> None:
+        """The next id of ``layer`` is known (a labels file's record): no scan needed."""
+        self._known = (id(layer.data), int(next_id))
+        self._key = None
 
     def next(self, layer: Any) -> int:
         key = (id(unwrap(layer)), id(layer.data))
@@ -146,11 +159,28 @@ class IdCounter:
         self._next = max(self._next, int(label_id) + 1)
 
     def _on_paint(self, event: Any = None) -> None:
-        if not getattr(self, "_painting", False):
-            self._key = None  # someone else painted: rescan at the next commit
+        if getattr(self, "_painting", False):
+            return
+        top = _painted_max(getattr(event, "value", None))
+        if top is None:
+            self._key = None  # someone else painted, values unknown: rescan at the next commit
+        else:
+            self.used(top)
 
     def painting(self, on: bool) -> None:
         self._painting = on
+
+
+def _painted_max(item: Any) -> int | None:
+    """The largest value a napari paint history item wrote (None when it cannot be told)."""
+    try:
+        tops = []
+        for atom in item:
+            value = atom.new_value if hasattr(atom, "new_value") else atom[2]
+            tops.append(int(np.max(value)))
+        return max(tops) if tops else 0
+    except Exception:  # noqa: BLE001 - an unknown history format: rescan instead
+        return None
 
 
 def grow_for(layer: Any, top_id: int) -> None:
@@ -160,6 +190,11 @@ def grow_for(layer: Any, top_id: int) -> None:
     dtype = np.dtype(layer.data.dtype)
     new = grown_dtype(dtype, top_id)
     if new != dtype:
+        if not isinstance(layer.data, np.ndarray):
+            raise ValueError(
+                f"labels layer {layer.name!r} is a {type(layer.data).__name__} of dtype {dtype}, "
+                f"which cannot hold label {top_id}; choose another labels layer (the labels "
+                "saved as you go are uint32)")
         layer.data = np.asarray(layer.data).astype(new)
 
 
@@ -238,6 +273,21 @@ def paint_volume(layer: Any, slices: dict[tuple[int, ...], np.ndarray], *, overw
                 layer.data_setitem(index, vals.astype(layer.data.dtype))
                 changed += len(ys)
     return changed
+
+
+def replace_slice(layer: Any, position: Sequence[int], *, before: np.ndarray,
+                  after: np.ndarray) -> int:
+    """Write ``after`` on the slice at ``position`` where it differs from ``before`` and
+    the layer still holds ``before`` (edits made meanwhile are kept), as one undo step.
+    Returns the number of pixels changed."""
+    pos = tuple(int(p) for p in position)
+    ys, xs = np.nonzero((after != before) & (np.asarray(layer.data[pos]) == before))
+    if len(ys):
+        grow_for(layer, int(after.max()))
+        with layer.block_history():
+            index = tuple(np.full(len(ys), p) for p in pos) + (ys, xs)
+            layer.data_setitem(index, after[ys, xs].astype(layer.data.dtype))
+    return len(ys)
 
 
 def can_undo(layer: Any) -> bool:

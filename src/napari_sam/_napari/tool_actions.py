@@ -23,12 +23,15 @@ class ToolActions:
         return self.axis.value, int(self.from_spin.value), int(self.to_spin.value)
 
     def propagate(self) -> Job | None:
-        """Propagate the chosen label (0: the last committed) along the chosen axis."""
+        """Propagate the chosen label (0: the last committed), or every label of the slice in
+        view, along the chosen axis."""
         axis, lo, hi = self._axis_range()
-        return self._run_tool(lambda: tools.propagate(
-            self.ctrl, label_id=int(self.label_id.value), axis=axis or 0, lo=lo, hi=hi,
-            min_score=float(self.propagate_score.value),
-            min_iou=float(self.propagate_iou.value)))
+        opts = {"axis": axis or 0, "lo": lo, "hi": hi, "min_score": float(self.propagate_score.value),
+                "min_iou": float(self.propagate_iou.value)}
+        if self.every_label.value:
+            return self._run_tool(lambda: tools.propagate_all(self.ctrl, **opts))
+        return self._run_tool(lambda: tools.propagate(self.ctrl, label_id=int(self.label_id.value),
+                                                      **opts))
 
     def segment_everything(self) -> Job | None:
         """Segment everything on the slice in view, or on the range when ticked."""
@@ -41,7 +44,9 @@ class ToolActions:
             stability_score_thresh=float(self.everything_stability.value)))
 
     def refine_label(self) -> Job | None:
-        """Refine the chosen label on the slice in view."""
+        """Refine the chosen label, or every label, on the slice in view."""
+        if self.every_label.value:
+            return self._run_tool(lambda: tools.refine_all(self.ctrl))
         return self._run_tool(lambda: tools.refine(self.ctrl, label_id=int(self.label_id.value)))
 
     def precompute(self) -> Job | None:

@@ -19,7 +19,8 @@ from .provenance import keep, tool_record
 if TYPE_CHECKING:  # pragma: no cover
     from .controller import SamController
 
-__all__ = ["ToolRun", "ToolError", "everything", "precompute", "propagate", "refine"]
+__all__ = ["ToolRun", "ToolError", "everything", "precompute", "propagate", "propagate_all",
+           "refine", "refine_all"]
 
 Progress = Callable[[int, int, str], None]
 
@@ -114,6 +115,86 @@ def propagate(ctrl: "SamController", *, label_id: int, axis: int, lo: int | None
         return f"Propagated label {label_id} over {span} ({len(acc)} slices; stopped {stops})."
 
     return ToolRun(f"Propagate label {label_id}", job, apply)
+
+
+def _slice_labels(ctrl: "SamController", pos: tuple[int, ...]):
+    layer = ctrl.target_labels(create=False)
+    current = None if layer is None else np.array(layer.data[pos], copy=True)
+    if current is None or not current.any():
+        raise ToolError(f"There are no labels on {ctrl.where(pos) or 'this image'}: paint or "
+                        "commit some, or open a segmentation as a Labels layer.")
+    return layer, current
+
+
+def propagate_all(ctrl: "SamController", *, axis: int, lo: int | None = None,
+                  hi: int | None = None, min_score: float = 0.5, min_iou: float = 0.3) -> ToolRun:
+    """Follow every label of the slice in view along ``axis`` (one batched decoder call per
+    slice); written where the labels are free (or everywhere with overwrite), lower ids
+    first (:func:`napari_sam.workflows.from_labels.propagated_slices`)."""
+    from ..workflows.from_labels import label_masks, propagated_slices
+    from ..workflows.volume import Seed, propagate_many
+
+    geo = ctrl.geometry()
+    if not geo.lead_axes:
+        raise ToolError("A 2D image has no slices to propagate through.")
+    pos, line = _line(ctrl, axis, lo, hi)
+    layer, current = _slice_labels(ctrl, pos)
+    objects = label_masks(current)
+    ids = [k for k, _ in objects]
+    settings, index = ctrl.settings(), geo.index(pos)
+    z_lo, z_hi = line[0][axis], line[-1][axis]
+    name = geo.axis_names()[axis]
+
+    def place(z: int) -> tuple[int, ...]:
+        return tuple(z if k == axis else p for k, p in enumerate(pos))
+
+    def job(progress: Progress, should_stop):
+        seg = ctrl.session.engine(settings)
+        res = propagate_many(
+            seg, [Seed(index, mask=m) for _, m in objects], axis=axis, limits=(z_lo, z_hi),
+            min_score=min_score, min_iou=min_iou, should_stop=should_stop,
+            progress=lambda d, t: progress(d, t, f"Propagating {len(ids)} labels along {name}"))
+        return propagated_slices(ids, res, place=place)
+
+    def apply(slices) -> str:
+        changed = L.paint_volume(layer, slices, overwrite=ctrl.overwrite)
+        keep(ctrl, layer, [tool_record(
+            ctrl, label_ids=ids, source="propagation", position=pos,
+            params={"every": True, "axis": axis, "limits": [z_lo, z_hi], "min_score": min_score,
+                    "min_iou": min_iou, "overwrite": ctrl.overwrite})])
+        return (f"Propagated {len(ids)} labels of {ctrl.where(pos)} along {name} to "
+                f"{len(slices)} slices ({changed} pixels).")
+
+    return ToolRun(f"Propagate {len(ids)} labels", job, apply)
+
+
+def refine_all(ctrl: "SamController") -> ToolRun:
+    """Every label of the slice in view becomes a prompt (box and mask), decoded together;
+    SAM's masks replace them (:func:`napari_sam.workflows.from_labels.refine_slice`)."""
+    from ..workflows.from_labels import refine_slice
+
+    pos = ctrl.current_position()
+    if pos is None:
+        raise ToolError("The viewer shows no slice of the image: move into the image first.")
+    layer, current = _slice_labels(ctrl, pos)
+    settings, index = ctrl.settings(), ctrl.geometry().index(pos)
+
+    def job(progress: Progress, should_stop):
+        seg = ctrl.session.engine(settings)
+        progress(0, 1, "Refining the labels of the slice")
+        return refine_slice(seg, index, current)
+
+    def apply(out) -> str:
+        new, rows = out
+        changed = L.replace_slice(layer, pos, before=current, after=new)
+        keep(ctrl, layer, [tool_record(ctrl, label_ids=[r["label_id"] for r in rows],
+                                       source="refinement", position=pos,
+                                       params={"every": True})])
+        mean = np.mean([r["iou"] for r in rows]) if rows else 0.0
+        return (f"Refined {len(rows)} labels on {ctrl.where(pos) or 'the image'} ({changed} "
+                f"pixels changed; mean IoU old vs new {mean:.2f}).")
+
+    return ToolRun("Refine every label", job, apply)
 
 
 def everything(ctrl: "SamController", *, axis: int | None = None, lo: int | None = None,

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["EmbeddingStore", "EmbeddingStoreWarning", "FORMAT_VERSION", "STORE_KIND",
-           "open_signature_group", "signature_key", "slice_digest"]
+           "open_signature_group", "signature_key", "slice_digest", "store_contents"]
 
 FORMAT_VERSION = 1
 STORE_KIND = "embedding-store"
@@ -161,6 +161,31 @@ class EmbeddingStore:
     def _warn(self, index: int, why: str) -> None:
         warnings.warn(f"embedding store {self.path}: recomputing slice {index} because {why}",
                       EmbeddingStoreWarning, stacklevel=4)
+
+
+def store_contents(path: str | Path) -> list[dict[str, Any]]:
+    """What an embedding store holds, read only: one entry per signature group with its
+    ``key``, ``signature`` and ``stored`` / ``n_slices`` (slices with a record). An absent
+    path gives []; a folder that is not a napari-sam store raises InvalidInputError."""
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        root = zarr.open_group(path, mode="r")
+    except (OSError, ValueError, KeyError, TypeError) as err:  # not a zarr group at all
+        raise InvalidInputError(f"{str(path)!r} is not a napari-sam embedding store ({err})") from None
+    if (root.attrs.get("napari_sam") or {}).get("kind") != STORE_KIND:
+        raise InvalidInputError(f"{str(path)!r} is not a napari-sam embedding store")
+    out = []
+    for key, group in root.groups():
+        if "records" not in group:
+            continue
+        records = np.asarray(group["records"][:, REC_VALID])
+        out.append({"key": key, "signature": dict(group.attrs.get("signature") or {}),
+                    "stored": int(np.count_nonzero(records == 1)), "n_slices": len(records)})
+    return out
 
 
 def slice_digest(fingerprint: str) -> int:

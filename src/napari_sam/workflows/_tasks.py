@@ -18,11 +18,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .._errors import InvalidInputError
+from .._hashing import json_digest
 from ..engine.prompt import Prompt
-from ..io.prompt_files import ObjectPrompt
+from ..io.labels_out import Output
+from ..io.prompt_files import ObjectPrompt, prompts_digest
+from .tiling import tiling_of
 
-__all__ = ["Job", "ModelRef", "Progress", "as_prompt", "mark_done", "model_ref", "open_array", "run_units",
-           "segmenter_of", "slot", "task_auto", "task_embed", "task_propagate", "task_segment"]
+__all__ = ["Job", "ModelRef", "Progress", "as_prompt", "compose", "job_output", "job_signature",
+           "make_job", "mark_done", "model_ref", "open_array", "open_inputs", "read_labels",
+           "run_units", "segmenter_of", "slot", "task_auto", "task_embed", "task_propagate",
+           "task_segment"]
 
 Progress = Callable[[int, int], None]
 
@@ -131,6 +136,20 @@ def as_prompt(o: ObjectPrompt) -> Prompt:
                      point_labels=o.point_labels if has_points else None, box=o.box)
 
 
+_LABELS: dict[str, Any] = {}  # per process: input labels by path (a TIFF is read once)
+
+
+def read_labels(path: str):
+    """Input labels of a job (:func:`napari_sam.io.labels_files.open_labels`), opened once
+    per process: lazily for OME-Zarr, whole for a TIFF."""
+    if path not in _LABELS:
+        from ..io.labels_files import open_labels
+
+        _LABELS.clear()
+        _LABELS[path] = open_labels(path)[0]
+    return _LABELS[path]
+
+
 def _encoded(seg, before: int) -> int:
     return seg.cache.stats["encoder_calls"] - before
 
@@ -159,10 +178,15 @@ def task_propagate(job: Job, group: int) -> int:
     size = job.params["group_size"]
     first = group * size
     objs = job.objects[first:first + size]
-    prompts = [as_prompt(o) for o in objs]
-    seeds = [Seed(o.index, points=p.points if p.n_points else None,
-                  point_labels=p.labels if p.n_points else None, box=p.box)
-             for o, p in zip(objs, prompts)]
+    ids = job.params.get("ids") or list(range(1, len(job.objects) + 1))
+    if job.params.get("seed_labels"):  # seeds are the masks of existing labels
+        seed = np.asarray(read_labels(job.params["seed_labels"])[slot(seg.stack, objs[0].index)])
+        seeds = [Seed(o.index, mask=seed == ids[first + j]) for j, o in enumerate(objs)]
+    else:
+        prompts = [as_prompt(o) for o in objs]
+        seeds = [Seed(o.index, points=p.points if p.n_points else None,
+                      point_labels=p.labels if p.n_points else None, box=p.box)
+                 for o, p in zip(objs, prompts)]
     opts = {k: job.params[k] for k in ("strategy", "min_score", "min_iou", "max_slices")}
     results = propagate_many(seg, seeds, batch=True, **opts)
     masks = open_array(f"{job.work}/objects")
@@ -170,7 +194,7 @@ def task_propagate(job: Job, group: int) -> int:
     for j, r in enumerate(results):
         for z in r.accepted:
             masks[first + j, z] = r.mask[z]
-        info.append({"id": first + j + 1, "line": r.indices, "accepted": r.accepted, "stop": r.stop,
+        info.append({"k": first + j, "id": int(ids[first + j]), "line": r.indices, "accepted": r.accepted, "stop": r.stop,
                      "scores": {str(s.z): round(s.score, 4) for s in r.steps}})
     path = Path(job.work) / "info" / f"{group:06d}.json"
     path.parent.mkdir(exist_ok=True)
@@ -196,6 +220,74 @@ def task_auto(job: Job, index: int) -> int:
 def task_embed(job: Job, index: int) -> int:
     """Embed slice ``index`` (every tile of it, when tiled) into the job's store."""
     return _segmenter(job).embed([index])
+
+
+# ---------------------------------------------------------------------- job setup
+def open_inputs(stack, model, checkpoint, device):
+    from ..io.stacks import Stack, open_stack
+
+    stack = stack if isinstance(stack, Stack) else open_stack(stack)
+    ref = model_ref(model, checkpoint, device)
+    sam_model = ref.load()
+    _ = stack.contrast_limits  # computed once here, shipped to workers with the stack
+    return stack, ref, sam_model
+
+
+def job_signature(kind: str, stack, sam_model, objects, params, tile_above: int) -> dict:
+    sig = {"kind": kind, "version": 1,
+           "stack": {"source": str(stack.source), "shape": list(stack.shape), "axes": stack.axes,
+                     "fingerprint": stack.fingerprint(), "normalisation": stack.normalisation()},
+           "model": sam_model.signature(), "prompts": prompts_digest(objects) if objects else None,
+           "params": params}
+    tiling = tiling_of(stack.slice_shape, tile_above)
+    if tiling is not None:  # absent for whole slices: their signatures are as before
+        sig["tiling"] = tiling
+    return sig
+
+
+def job_output(out, sig, stack, overwrite) -> Output:
+    from ..io.labels_files import LabelsGeometry
+
+    geo = LabelsGeometry.of_stack(stack)
+    return Output(out, sig, shape=geo.shape, axes=geo.axes, scale=geo.scale, units=geo.units,
+                  translate=geo.translate, overwrite=overwrite)
+
+
+def make_job(kind, sig, stack, ref, cache, output: Output, objects, params, tile_above: int) -> Job:
+    key = json_digest(sig)
+    cache = None if cache is None else str(cache)
+    seg_key = json_digest([sig["stack"], sig["model"], ref.key, cache, sig.get("tiling")])
+    return Job(kind, key, stack, ref, cache, str(output.labels_path), str(output.work),
+               list(objects), params, seg_key, tile_above)
+
+
+def compose(job: Job, output: Output, stack) -> dict:
+    """Paint the per-object masks slice by slice, ids in order; resumable per slice."""
+    info = []
+    for path in sorted((Path(job.work) / "info").glob("*.json")):
+        info += json.loads(path.read_text())
+    on_slice: dict[int, list[tuple[int, int, int]]] = {}
+    for obj in info:
+        for z in obj["accepted"]:
+            on_slice.setdefault(obj["line"][z], []).append((obj["id"], obj.get("k", obj["id"] - 1), z))
+    masks, labels = open_array(f"{job.work}/objects"), open_array(job.labels)
+    base = job.params.get("seed_labels")  # labels to add to (never overwritten), or none
+    done = output.done()
+    for index in range(len(stack)):
+        if done[index]:
+            continue
+        if index in on_slice or base:
+            lab = (np.zeros(stack.slice_shape, np.uint32) if not base else
+                   np.asarray(read_labels(base)[slot(stack, index)]).astype(np.uint32))
+            free = lab == 0
+            for oid, k, z in sorted(on_slice.get(index, [])):
+                take = np.asarray(masks[k, z]) & free
+                lab[take] = oid
+                free &= ~take
+            labels[slot(stack, index)] = lab
+        mark_done(job, "done", index)
+    return {"objects": info}
+
 
 
 def run_units(job: Job, fn, units: Sequence[int], *, client, progress: Progress | None,

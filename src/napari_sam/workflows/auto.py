@@ -8,7 +8,8 @@ by box NMS, and the survivors are painted largest first without overwriting.
 
 :func:`merge_slices` (and :class:`SliceLinker`, its streaming form) links per-slice objects
 into 3D objects: an object takes the id of the object on the previous slice it overlaps
-best (IoU >= ``min_iou``, one-to-one, greedy by IoU), else a new id. Ids are given in order
+best: the one-to-one matching of largest total IoU among pairs with IoU >= ``min_iou``
+(:func:`scipy.optimize.linear_sum_assignment` on the IoU table), else a new id. Ids are given in order
 of first appearance (slice, then the 2D id), so the result does not depend on scheduling.
 """
 
@@ -39,12 +40,16 @@ def auto_segment_slice(
     box_nms_thresh: float = 0.7,
     min_area: int = 16,
     max_area_fraction: float = 0.5,
+    min_region_area: int = 0,
 ) -> np.ndarray:
     """Segment everything on slice ``index`` from a grid of points, reusing its embedding.
 
     Parameters as ``segment_anything.SamAutomaticMaskGenerator`` (no crops), plus
     ``min_area`` (pixels; also the least area left after painting) and
-    ``max_area_fraction`` (drops background-sized masks).
+    ``max_area_fraction`` (drops background-sized masks). ``min_region_area`` is the
+    generator's ``min_mask_region_area``: holes and disconnected islands smaller than
+    this (pixels) are removed from each mask (:func:`skimage.morphology.remove_small_holes`,
+    :func:`~skimage.morphology.remove_small_objects`); 0 keeps masks as decoded.
 
     Returns
     -------
@@ -64,7 +69,7 @@ def auto_segment_slice(
                            stability_score_thresh=stability_score_thresh,
                            stability_score_offset=stability_score_offset,
                            box_nms_thresh=box_nms_thresh, min_area=min_area,
-                           max_area_fraction=max_area_fraction)
+                           max_area_fraction=max_area_fraction, min_region_area=min_region_area)
     h, w = seg.stack.slice_shape
     emb = seg.embedding(index)
     model = seg.model
@@ -86,10 +91,12 @@ def auto_segment_slice(
                 bxs = batched_mask_to_box(masks)  # (x0, y0, x1, y1), inclusive
             for j in np.flatnonzero(stab.numpy() >= stability_score_thresh):
                 m = masks[j].numpy()
+                if min_region_area > 0:
+                    m = _clean(m, min_region_area)
                 area = int(m.sum())
                 if area < max(min_area, 1) or area > max_area_fraction * h * w:
                     continue
-                x0, y0, x1, y1 = (int(v) for v in bxs[j])
+                x0, y0, x1, y1 = (int(v) for v in bxs[j]) if min_region_area <= 0 else _box(m)
                 crops.append(m[y0:y1 + 1, x0:x1 + 1])
                 boxes.append([x0, y0, x1, y1])
                 scores.append(float(iou[sel[j]]))
@@ -109,6 +116,22 @@ def auto_segment_slice(
             region[free] = next_id
             next_id += 1
     return labels
+
+
+def _clean(mask: np.ndarray, min_region_area: int) -> np.ndarray:
+    """SAM's small-region clean-up: fill holes, then drop islands, below the area."""
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    small = int(min_region_area) - 1  # regions of at most this many pixels go
+    return remove_small_objects(remove_small_holes(mask, max_size=small), max_size=small)
+
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) inclusive, as segment-anything's ``batched_mask_to_box``."""
+    ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(ys):
+        return 0, 0, 0, 0
+    return int(xs[0]), int(ys[0]), int(xs[-1]), int(ys[-1])
 
 
 def _auto_tiled(seg, index: int, *, min_area: int, max_area_fraction: float, **kw) -> np.ndarray:
@@ -179,16 +202,21 @@ class SliceLinker:
             pairs, inter = np.unique(np.stack([a[both], b[both]]), axis=1, return_counts=True)
             area_a = dict(zip(*np.unique(a[a > 0], return_counts=True)))
             area_b = dict(zip(*np.unique(b[b > 0], return_counts=True)))
-            cands = []
+            # optimal one-to-one matching: the largest total IoU over pairs >= min_iou
+            from scipy.optimize import linear_sum_assignment
+
+            a_ids, b_ids = sorted(area_a), sorted(area_b)
+            ra = {v: k for k, v in enumerate(a_ids)}
+            rb = {v: k for k, v in enumerate(b_ids)}
+            table = np.zeros((len(a_ids), len(b_ids)))
             for (ia, ib), n in zip(pairs.T.tolist(), inter.tolist()):
                 iou = n / (area_a[ia] + area_b[ib] - n)
                 if iou >= self.min_iou:
-                    cands.append((-iou, ia, ib))
-            used_b: set[int] = set()
-            for _, ia, ib in sorted(cands):
-                if ia not in mapping and ib not in used_b:
-                    mapping[ia] = ib
-                    used_b.add(ib)
+                    table[ra[ia], rb[ib]] = iou
+            rows, cols = linear_sum_assignment(table, maximize=True)
+            for r, c in zip(rows.tolist(), cols.tolist()):
+                if table[r, c] > 0:
+                    mapping[a_ids[r]] = b_ids[c]
         for ia in ids.tolist():
             if ia not in mapping:
                 mapping[ia] = self.next_id

@@ -19,7 +19,6 @@ loads the model once and keeps it (see :mod:`napari_sam.workflows._tasks`).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -32,12 +31,15 @@ from .._errors import InvalidInputError
 from .._hashing import json_digest
 from ..io.labels_out import Output, OutputExistsError, output_format
 from ..io.places import embedding_store_for, image_stem
-from ..io.prompt_files import ObjectPrompt, prompts_digest, read_prompts
+from ..io.prompt_files import ObjectPrompt, read_prompts
 from ._tasks import (
     Job,
-    mark_done,
-    model_ref,
+    compose,
+    job_output,
+    job_signature,
+    make_job,
     open_array,
+    open_inputs,
     run_units,
     slot,
     task_auto,
@@ -45,7 +47,7 @@ from ._tasks import (
     task_propagate,
     task_segment,
 )
-from .tiling import DEFAULT_TILE_ABOVE, segmenter_for, tiling_of
+from .tiling import DEFAULT_TILE_ABOVE, segmenter_for
 
 __all__ = ["embed_stack", "segment_prompts", "propagate_prompts", "auto_segment", "run_folder",
            "JobResult", "OutputExistsError", "IMAGE_SUFFIXES"]
@@ -79,44 +81,6 @@ class JobResult:
 
 
 # ---------------------------------------------------------------------- setup
-def _open_inputs(stack, model, checkpoint, device):
-    from ..io.stacks import Stack, open_stack
-
-    stack = stack if isinstance(stack, Stack) else open_stack(stack)
-    ref = model_ref(model, checkpoint, device)
-    sam_model = ref.load()
-    _ = stack.contrast_limits  # computed once here, shipped to workers with the stack
-    return stack, ref, sam_model
-
-
-def _signature(kind: str, stack, sam_model, objects, params, tile_above: int) -> dict:
-    sig = {"kind": kind, "version": 1,
-           "stack": {"source": str(stack.source), "shape": list(stack.shape), "axes": stack.axes,
-                     "fingerprint": stack.fingerprint(), "normalisation": stack.normalisation()},
-           "model": sam_model.signature(), "prompts": prompts_digest(objects) if objects else None,
-           "params": params}
-    tiling = tiling_of(stack.slice_shape, tile_above)
-    if tiling is not None:  # absent for whole slices: their signatures are as before
-        sig["tiling"] = tiling
-    return sig
-
-
-def _output(out, sig, stack, overwrite) -> Output:
-    from ..io.labels_files import LabelsGeometry
-
-    geo = LabelsGeometry.of_stack(stack)
-    return Output(out, sig, shape=geo.shape, axes=geo.axes, scale=geo.scale, units=geo.units,
-                  translate=geo.translate, overwrite=overwrite)
-
-
-def _job(kind, sig, stack, ref, cache, output: Output, objects, params, tile_above: int) -> Job:
-    key = json_digest(sig)
-    cache = None if cache is None else str(cache)
-    seg_key = json_digest([sig["stack"], sig["model"], ref.key, cache, sig.get("tiling")])
-    return Job(kind, key, stack, ref, cache, str(output.labels_path), str(output.work),
-               list(objects), params, seg_key, tile_above)
-
-
 def _objects(prompts, stack, scale_prompts) -> list[ObjectPrompt]:
     if isinstance(prompts, (str, os.PathLike)) or (
             isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (str, os.PathLike))):
@@ -151,7 +115,7 @@ def embed_stack(stack, cache, *, model=None, checkpoint=None, device=None,
     from ..models.speed import reproducible
 
     t0 = time.perf_counter()
-    stack, ref, sam_model = _open_inputs(stack, model, checkpoint, device)
+    stack, ref, sam_model = open_inputs(stack, model, checkpoint, device)
     seg = segmenter_for(sam_model, stack, cache=cache, tile_above=tile_above,
                         speed=reproducible(sam_model.speed_config()))
     todo = [i for i in range(len(stack)) if not seg.is_stored(i)]
@@ -195,13 +159,13 @@ def segment_prompts(stack, prompts, out, *, model=None, checkpoint=None, device=
         resolution (:class:`napari_sam.TiledSegmenter`); 0: whole slices.
     """
     t0 = time.perf_counter()
-    stack, ref, sam_model = _open_inputs(stack, model, checkpoint, device)
+    stack, ref, sam_model = open_inputs(stack, model, checkpoint, device)
     objects = _objects(prompts, stack, scale_prompts)
-    sig = _signature("segment", stack, sam_model, objects, {}, tile_above)
-    output = _output(out, sig, stack, overwrite)
+    sig = job_signature("segment", stack, sam_model, objects, {}, tile_above)
+    output = job_output(out, sig, stack, overwrite)
     result = JobResult(output.path, "segment", len(stack), n_objects=len(objects))
     if not output.complete:
-        job = _job("segment", sig, stack, ref, cache, output, objects, {}, tile_above)
+        job = make_job("segment", sig, stack, ref, cache, output, objects, {}, tile_above)
         slices = sorted({o.index for o in objects})
         done = output.done()
         todo = [i for i in slices if not done[i]]
@@ -229,18 +193,18 @@ def propagate_prompts(stack, prompts, out, *, strategy: str | None = None, min_s
     from .volume import DEFAULT_STRATEGY, z_line
 
     t0 = time.perf_counter()
-    stack, ref, sam_model = _open_inputs(stack, model, checkpoint, device)
+    stack, ref, sam_model = open_inputs(stack, model, checkpoint, device)
     objects = _objects(prompts, stack, scale_prompts)
     if group_size < 1:
         raise InvalidInputError(f"group_size must be >= 1, got {group_size}")
     params = {"strategy": strategy or DEFAULT_STRATEGY, "min_score": float(min_score),
               "min_iou": float(min_iou), "max_slices": max_slices, "group_size": int(group_size)}
-    sig = _signature("propagate", stack, sam_model, objects, params, tile_above)
-    output = _output(out, sig, stack, overwrite)
+    sig = job_signature("propagate", stack, sam_model, objects, params, tile_above)
+    output = job_output(out, sig, stack, overwrite)
     n_groups = -(-len(objects) // group_size)
     result = JobResult(output.path, "propagate", len(stack), n_objects=len(objects))
     if not output.complete:
-        job = _job("propagate", sig, stack, ref, cache, output, objects, params, tile_above)
+        job = make_job("propagate", sig, stack, ref, cache, output, objects, params, tile_above)
         work = output.work_group
         line_len = len(z_line(stack, objects[0].index)[0])
         Output.require(work, "objects", (len(objects), line_len, *stack.slice_shape),
@@ -250,7 +214,7 @@ def propagate_prompts(stack, prompts, out, *, strategy: str | None = None, min_s
         result.resumed, result.computed = n_groups - len(todo), len(todo)
         result.encoder_calls = run_units(job, task_propagate, todo, client=client, progress=progress,
                                     offset=result.resumed, total=n_groups)
-        result.info = _compose(job, output, stack)
+        result.info = compose(job, output, stack)
         _write_provenance(job, output, stack, "propagate")
         output.finish()
     result.seconds = time.perf_counter() - t0
@@ -277,33 +241,10 @@ def _write_provenance(job: Job, output: Output, stack, kind: str, *, n_auto: int
     append_records(output.path, records, replace=True)
 
 
-def _compose(job: Job, output: Output, stack) -> dict:
-    """Paint the per-object masks slice by slice, ids in order; resumable per slice."""
-    info = []
-    for path in sorted((Path(job.work) / "info").glob("*.json")):
-        info += json.loads(path.read_text())
-    on_slice: dict[int, list[tuple[int, int]]] = {}
-    for obj in info:
-        for z in obj["accepted"]:
-            on_slice.setdefault(obj["line"][z], []).append((obj["id"], z))
-    masks, labels = open_array(f"{job.work}/objects"), open_array(job.labels)
-    done = output.done()
-    for index in range(len(stack)):
-        if done[index]:
-            continue
-        if index in on_slice:
-            lab = np.zeros(stack.slice_shape, np.uint32)
-            for oid, z in sorted(on_slice[index]):
-                m = np.asarray(masks[oid - 1, z])
-                lab[m & (lab == 0)] = oid
-            labels[slot(stack, index)] = lab
-        mark_done(job, "done", index)
-    return {"objects": info}
-
-
 def auto_segment(stack, out, *, points_per_side: int = 16, pred_iou_thresh: float = 0.88,
                  stability_score_thresh: float = 0.95, box_nms_thresh: float = 0.7,
                  min_area: int = 16, max_area_fraction: float = 0.5, merge_iou: float = 0.3,
+                 min_region_area: int = 0,
                  model=None, checkpoint=None, device=None, cache=None, client=None,
                  overwrite: bool = False, progress: Progress | None = None,
                  tile_above: int = DEFAULT_TILE_ABOVE) -> JobResult:
@@ -317,16 +258,18 @@ def auto_segment(stack, out, *, points_per_side: int = 16, pred_iou_thresh: floa
     from .volume import z_line
 
     t0 = time.perf_counter()
-    stack, ref, sam_model = _open_inputs(stack, model, checkpoint, device)
+    stack, ref, sam_model = open_inputs(stack, model, checkpoint, device)
     params = {"points_per_side": int(points_per_side), "pred_iou_thresh": float(pred_iou_thresh),
               "stability_score_thresh": float(stability_score_thresh),
               "box_nms_thresh": float(box_nms_thresh), "min_area": int(min_area),
               "max_area_fraction": float(max_area_fraction), "merge_iou": float(merge_iou)}
-    sig = _signature("auto", stack, sam_model, [], params, tile_above)
-    output = _output(out, sig, stack, overwrite)
+    if min_region_area:  # absent at 0: signatures of earlier jobs stay as they were
+        params["min_region_area"] = int(min_region_area)
+    sig = job_signature("auto", stack, sam_model, [], params, tile_above)
+    output = job_output(out, sig, stack, overwrite)
     result = JobResult(output.path, "auto", len(stack))
     if not output.complete:
-        job = _job("auto", sig, stack, ref, cache, output, [], params, tile_above)
+        job = make_job("auto", sig, stack, ref, cache, output, [], params, tile_above)
         work = output.work_group
         Output.require(work, "slices", (len(stack), *stack.slice_shape), (1, *stack.slice_shape), "uint32")
         sdone = np.asarray(Output.require(work, "slices_done", (len(stack),), (1,), "uint8")[:]).astype(bool)

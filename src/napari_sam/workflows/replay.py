@@ -103,6 +103,7 @@ def _chain_mask(seg, index: int, steps: list[dict]) -> np.ndarray:
 def _replay_widget(records: list[dict], seg, labels: np.ndarray, present: set[int],
                    progress: Callable[[int, int], None] | None) -> np.ndarray:
     from .auto import SliceLinker, auto_segment_slice
+    from .from_labels import label_masks, propagated_slices, refine_slice
     from .volume import Seed, propagate_many
 
     new = np.zeros_like(labels)
@@ -129,6 +130,23 @@ def _replay_widget(records: list[dict], seg, labels: np.ndarray, present: set[in
                                         overwrite=bool(params.get("overwrite")))
             apply_changes(new, pos, changes)
             i += len(group)
+        elif source == "refinement" and params.get("every"):  # every label of the slice
+            new[pos] = refine_slice(seg, stack.index(pos), new[pos])[0]
+            i += 1
+        elif source == "propagation" and params.get("every"):
+            objects = label_masks(new[pos])
+            index = stack.index(pos)
+            res = propagate_many(seg, [Seed(index, mask=m) for _, m in objects],
+                                 axis=params.get("axis"), limits=params.get("limits"),
+                                 min_score=params.get("min_score", 0.5),
+                                 min_iou=params.get("min_iou", 0.3))
+            axis = params.get("axis") or 0
+            slices = propagated_slices([k for k, _ in objects], res, place=lambda z, a=axis, at=pos: tuple(
+                z if k == a else p for k, p in enumerate(at)))
+            for p, values in slices.items():
+                apply_changes(new, p, [volume_changes(new[p], values,
+                                                      overwrite=bool(params.get("overwrite")))])
+            i += 1
         elif source == "refinement":
             mask = new[pos] == ids[0]
             if mask.any():
@@ -172,7 +190,7 @@ def _replay_widget(records: list[dict], seg, labels: np.ndarray, present: set[in
 
 def _replay_batch(records: list[dict], stack, model, checkpoint, device, out: Path) -> None:
     from ..io.prompt_files import ObjectPrompt
-    from . import batch
+    from . import batch, label_jobs
 
     first = records[0]
     source, params = first["source"], dict(first.get("params") or {})
@@ -182,6 +200,15 @@ def _replay_batch(records: list[dict], stack, model, checkpoint, device, out: Pa
                             "tile_above": 1 if info.get("tiled") else 0}
     if source == "automatic":
         batch.auto_segment(stack, out, **params, **opts)
+        return
+    if source == "refinement":  # napari-sam refine: the input labels are the prompts
+        label_jobs.refine_labels_job(params["labels"], stack, out, ids=params.get("ids"), **opts)
+        return
+    if params.get("seed_labels"):  # napari-sam refine --propagate-from
+        label_jobs.propagate_labels_job(
+            params["seed_labels"], stack, out, index=params["index"], ids=params["ids"],
+            strategy=params["strategy"], min_score=params["min_score"], min_iou=params["min_iou"],
+            max_slices=params["max_slices"], group_size=params["group_size"], **opts)
         return
     objects = []
     for r in records:
