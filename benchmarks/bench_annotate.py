@@ -83,7 +83,20 @@ settle()
 rss_model = proc.memory_info().rss
 n, h, wd = viewer.layers[0].data.shape
 zs = np.linspace(0, n - 1, n_visit).round().astype(int)
-after, t0 = [], time.perf_counter()
+after, cache_used, history, t0 = [], [], [], time.perf_counter()
+
+
+def history_bytes(layer):  # bytes held by the arrays of napari's undo history
+    total = 0
+    for item in getattr(layer, "_undo_history", []):
+        for atom in item:
+            for part in atom:
+                if isinstance(part, tuple):
+                    total += sum(getattr(a, "nbytes", 0) for a in part)
+                else:
+                    total += getattr(part, "nbytes", 0)
+    return total
+
 for z in zs:
     viewer.dims.set_point(0, float(z))
     viewer.layers["SAM points"].add([float(z), h / 2, wd / 2])
@@ -92,6 +105,8 @@ for z in zs:
     if "SAM labels" not in viewer.layers:
         raise RuntimeError(f"no commit on slice {z}: {w.messages.last_status}")
     after.append(proc.memory_info().rss)
+    cache_used.append(w.ctrl.segmenter.cache.memory_used)
+    history.append(history_bytes(viewer.layers["SAM labels"]))
 seconds = time.perf_counter() - t0
 stop.set()
 labels = viewer.layers["SAM labels"]
@@ -99,7 +114,8 @@ model = w.ctrl.segmenter.model
 cache = w.ctrl.segmenter.cache
 print(json.dumps({
     "rss_viewer": rss_viewer, "rss_model": rss_model, "peak": max(r for _, r in samples), "after_commit": after,
-    "slices": zs.tolist(), "seconds": seconds,
+    "slices": zs.tolist(), "seconds": seconds, "cache_used": cache_used,
+    "napari_history": history,
     "labels_type": type(labels.data).__module__ + "." + type(labels.data).__name__,
     "labels_nbytes": int(np.prod(labels.data.shape)) * labels.data.dtype.itemsize,
     "ids": int(np.asarray(labels.data[int(zs[-1])]).max()),
@@ -171,6 +187,8 @@ def main(argv=None) -> int:
     res["allowance_MB"] = allowance / 1e6
     res["target_met"] = z["peak"] - z["rss_model"] <= allowance
     res["growth_first_to_last_commit_MB"] = (z["after_commit"][-1] - z["after_commit"][0]) / 1e6
+    res["growth_explained_MB"] = (z["cache_used"][-1] - z["cache_used"][0]
+                                  + z["napari_history"][-1] - z["napari_history"][0]) / 1e6
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
     print(f"stack {res['stack']} ({args.depth * args.size ** 2 * 2 / 2**30:.1f} GiB uint16), "
@@ -183,6 +201,10 @@ def main(argv=None) -> int:
                   f"(+{(r['peak'] - r['rss_model']) / 1e6:.0f} over the model), "
                   f"after each commit " + ", ".join(f"{a / 1e6:.0f}" for a in r["after_commit"])
                   + f" MB; {r['seconds']:.0f} s")
+    print(f"  growth from the first to the last commit: {res['growth_first_to_last_commit_MB']:.0f} MB, "
+          f"of which the embedding memory cache (bounded) and napari's undo history (100 steps) "
+          f"{res['growth_explained_MB']:.0f} MB; napari history after the last commit "
+          f"{z['napari_history'][-1] / 1e6:.0f} MB")
     print(f"  labels file on disk: {res['labels_file_bytes'] / 1e6:.2f} MB "
           f"(the layer spans {z['labels_nbytes'] / 2**30:.1f} GiB)")
     print(f"  target: peak - RSS with the model loaded <= cache bound {z['cache_bound'] / 1e6:.0f} MB "

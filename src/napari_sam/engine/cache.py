@@ -57,9 +57,10 @@ class EmbeddingCache:
     memory_bytes : int
         Bound of the in-memory LRU, in bytes (default 256 MiB: 64 slices of vit features).
         0 disables the memory cache.
-    store_dtype : {"float16", "float32"}
-        Precision of stored features. float16 halves the disk use (2 MiB per vit slice);
-        float32 makes stored embeddings bit-identical to fresh ones.
+    store_dtype : {"int8", "float16", "float32"}
+        Precision of stored features: int8 with a float32 scale per channel (the default:
+        1 MiB per vit slice), float16 (2 MiB), or float32 (4 MiB), bit-identical to fresh
+        embeddings. Slices of an older float16 store of the same signature are read.
     verify_slices : bool
         Check each stored slice's fingerprint against the stack before reuse (default).
         Costs one read of the slice per disk hit.
@@ -82,13 +83,13 @@ class EmbeddingCache:
         *,
         store: str | Path | None = None,
         memory_bytes: int = DEFAULT_MEMORY_BYTES,
-        store_dtype: str = "float16",
+        store_dtype: str = "int8",
         verify_slices: bool = True,
         speed: "str | SpeedConfig" = "auto",
     ) -> None:
-        if store_dtype not in ("float16", "float32"):
+        if store_dtype not in ("int8", "float16", "float32"):
             raise InvalidInputError(
-                f"store_dtype must be 'float16' or 'float32', got {store_dtype!r}")
+                f"store_dtype must be 'int8', 'float16' or 'float32', got {store_dtype!r}")
         if memory_bytes < 0:
             raise InvalidInputError(f"memory_bytes must be >= 0, got {memory_bytes}")
         self.model = model
@@ -111,6 +112,11 @@ class EmbeddingCache:
             self.store = store_ if store_.usable else None
 
     # ------------------------------------------------------------------ public
+    @property
+    def memory_used(self) -> int:
+        """Bytes of embeddings held in memory now (at most ``memory_bytes``)."""
+        return self._memory_used
+
     def __len__(self) -> int:
         return len(self.stack)
 

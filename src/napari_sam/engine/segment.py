@@ -112,8 +112,8 @@ class Segmenter:
         (To share an existing :class:`EmbeddingCache`, use :meth:`from_cache`.)
     memory_bytes : int
         Bound of the in-memory embedding cache.
-    store_dtype : {"float16", "float32"}
-        Precision of stored embeddings.
+    store_dtype : {"int8", "float16", "float32"}
+        Precision of stored embeddings (see :class:`EmbeddingCache`; int8 by default).
     speed : str or SpeedConfig
         Speed paths of the encoder and the mask decoder (see :class:`EmbeddingCache`);
         "auto" picks per device, "off" gives the reference paths, bit-identical to
@@ -132,7 +132,7 @@ class Segmenter:
         *,
         cache: "str | Path | None" = None,
         memory_bytes: int = DEFAULT_MEMORY_BYTES,
-        store_dtype: str = "float16",
+        store_dtype: str = "int8",
         speed: Any = "auto",
     ) -> None:
         from ..io.stacks import SliceSource, open_stack

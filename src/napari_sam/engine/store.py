@@ -4,7 +4,8 @@ Layout (a zarr v3 group)::
 
     cells.embeddings.zarr/            attrs: {"napari_sam": {"kind": "embedding-store", ...}}
       <key>/                          one group per signature; attrs: {"signature": {...}}
-        features   (N, C, h, w)       float16, chunks (1, C, h, w)
+        features   (N, C, h, w)       int8 (default), float16 or float32, chunks (1, C, h, w)
+        scales     (N, C)             float32, chunks (1, C): int8 only, one scale per channel
         records    (N, 8)             int64, chunks (1, 8): see ``REC_*`` below
 
 ``<key>`` is a hash of the signature (format version, model architecture and checkpoint
@@ -16,6 +17,10 @@ changed slice, a half-written or a corrupt chunk is detected and recomputed inst
 served. Chunk writes are atomic (zarr's local store writes a temporary file and renames
 it), so two processes can share a store. A folder that is not a napari-sam embedding
 store (the user's data) is never written into.
+
+The stored dtype is part of the signature. A store written before int8 became the default
+holds float16 groups: their slices are still read (:attr:`EmbeddingStore.older`), new
+slices go to the int8 group of the same signature.
 """
 
 from __future__ import annotations
@@ -64,8 +69,9 @@ class EmbeddingStore:
     feature_shape : (int, int, int)
         (C, h, w) of one slice's features.
     n_slices : int
-    dtype : {"float16", "float32"}
-        Precision of the stored features.
+    dtype : {"int8", "float16", "float32"}
+        Precision of the stored features: int8 with one float32 scale per channel
+        (1 MiB per vit slice), float16, or float32 (exact).
 
     Attributes
     ----------
@@ -80,8 +86,25 @@ class EmbeddingStore:
         self.path = Path(path)
         self.signature = signature
         self.dtype = dtype
+        self.older = self._older_group(n_slices)
         self.group, self.writable = open_signature_group(
-            self.path, signature, feature_shape=feature_shape, n_slices=n_slices, dtype=dtype)
+            self.path, signature, feature_shape=feature_shape, n_slices=n_slices, dtype=dtype,
+            quiet=self.older is not None)
+
+    def _older_group(self, n_slices: int):
+        """The float16 group of the same signature (the store format before int8), read
+        for the slices it holds; None when there is none."""
+        if self.dtype == "float16" or not (self.path / "zarr.json").exists():
+            return None
+        import zarr
+
+        key = signature_key({**self.signature, "store_dtype": "float16"})
+        try:
+            group = zarr.open_group(self.path / key, mode="r")
+            ok = group["records"].shape[0] == n_slices
+        except (OSError, ValueError, KeyError):
+            return None
+        return group if ok else None
 
     @property
     def usable(self) -> bool:
@@ -91,15 +114,21 @@ class EmbeddingStore:
         """The slice's record (int64, 8 columns; column ``REC_VALID`` is 1 once stored)."""
         return np.asarray(self.group["records"][index])
 
+    def _in_older(self, index: int) -> bool:
+        return self.older is not None and bool(self.older["records"][index][REC_VALID])
+
     def has(self, index: int) -> bool:
         """True when slice ``index`` has a record (the chunk is checked on :meth:`load`)."""
-        return self.usable and bool(self.record(index)[REC_VALID])
+        return self.usable and (bool(self.record(index)[REC_VALID]) or self._in_older(index))
 
     def stored_indices(self) -> np.ndarray:
         """Indices of the slices with a record."""
         if not self.usable:
             return np.zeros(0, dtype=int)
-        return np.flatnonzero(self.group["records"][:, REC_VALID] == 1)
+        valid = np.asarray(self.group["records"][:, REC_VALID]) == 1
+        if self.older is not None:
+            valid |= np.asarray(self.older["records"][:, REC_VALID]) == 1
+        return np.flatnonzero(valid)
 
     def load(self, index: int, *, slice_fp: "int | None", device: "torch.device | str") -> Embedding | None:
         """The stored embedding of slice ``index``, or None (never stored, or not usable:
@@ -110,8 +139,12 @@ class EmbeddingStore:
         """
         import torch
 
+        group = self.group
         try:
             rec = self.record(index)
+            if not rec[REC_VALID] and self._in_older(index):
+                group = self.older
+                rec = np.asarray(group["records"][index])
         except Exception as err:  # unreadable record chunk  # noqa: BLE001
             self._warn(index, f"its record is unreadable ({err})")
             return None
@@ -121,15 +154,19 @@ class EmbeddingStore:
             self._warn(index, "the slice's pixels changed since it was stored")
             return None
         try:
-            data = np.asarray(self.group["features"][index])
+            data = np.asarray(group["features"][index])
+            scales = np.asarray(group["scales"][index]) if data.dtype == np.int8 else None
         except Exception as err:  # truncated or corrupt chunk  # noqa: BLE001
             self._warn(index, f"its stored features are unreadable ({type(err).__name__}: {err})")
             return None
-        if digest64(np.ascontiguousarray(data).tobytes()) != rec[REC_DIGEST]:
+        if _digest(data, scales) != rec[REC_DIGEST]:
             self._warn(index, "its stored features do not match their checksum (partial or "
                        "corrupt chunk)")
             return None
-        features = torch.from_numpy(data.astype(np.float32, copy=False))[None].to(device)
+        values = data.astype(np.float32, copy=False)
+        if scales is not None:
+            values = values * scales.astype(np.float32)[:, None, None]
+        features = torch.from_numpy(values)[None].to(device)
         return Embedding(features, (int(rec[REC_IN_H]), int(rec[REC_IN_W])),
                          (int(rec[REC_ORIG_H]), int(rec[REC_ORIG_W])))
 
@@ -137,16 +174,23 @@ class EmbeddingStore:
         """Store an embedding (features first, record last); False when not written."""
         if not self.usable or not self.writable:
             return False
-        data = emb.features[0].detach().to("cpu").numpy().astype(self.dtype)
+        values = emb.features[0].detach().to("cpu").float().numpy()
+        scales = None
+        if self.dtype == "int8":
+            data, scales = quantise_int8(values)
+        else:
+            data = values.astype(self.dtype)
         record = np.zeros(8, dtype=np.int64)
         record[REC_VALID] = 1
         record[REC_IN_H], record[REC_IN_W] = emb.input_size
         record[REC_ORIG_H], record[REC_ORIG_W] = emb.original_size
         record[REC_SLICE_FP] = slice_fp
-        record[REC_DIGEST] = digest64(np.ascontiguousarray(data).tobytes())
+        record[REC_DIGEST] = _digest(data, scales)
         record[REC_VERSION] = FORMAT_VERSION
         try:
             # features first, record last: a record always describes a complete chunk
+            if scales is not None:
+                self.group["scales"][index] = scales
             self.group["features"][index] = data
             self.group["records"][index] = record
         except Exception as err:  # disk full, read-only, store removed under us  # noqa: BLE001
@@ -161,6 +205,22 @@ class EmbeddingStore:
     def _warn(self, index: int, why: str) -> None:
         warnings.warn(f"embedding store {self.path}: recomputing slice {index} because {why}",
                       EmbeddingStoreWarning, stacklevel=4)
+
+
+def quantise_int8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(C, h, w) float features as int8 with one float32 scale per channel (symmetric:
+    ``values ~= q * scale[:, None, None]``, the largest magnitude of a channel at 127)."""
+    top = np.abs(values).reshape(len(values), -1).max(axis=1)
+    scales = np.where(top > 0, top / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(values / scales[:, None, None]), -127, 127).astype(np.int8)
+    return q, scales
+
+
+def _digest(data: np.ndarray, scales: np.ndarray | None) -> int:
+    blob = np.ascontiguousarray(data).tobytes()
+    if scales is not None:
+        blob += np.ascontiguousarray(scales).tobytes()
+    return digest64(blob)
 
 
 def store_contents(path: str | Path) -> list[dict[str, Any]]:
@@ -202,7 +262,7 @@ def _differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
 
 def open_signature_group(
     path: Path, signature: dict[str, Any], *, feature_shape: tuple[int, int, int], n_slices: int,
-    dtype: str,
+    dtype: str, quiet: bool = False,
 ):
     """Open (or create) the group of ``path`` that holds embeddings for ``signature``.
 
@@ -260,7 +320,7 @@ def open_signature_group(
         group = root[key]
         return group, writable
     others = [root[k].attrs.get("signature", {}) for k in root.group_keys()]
-    if others:
+    if others and not quiet:  # quiet: an older group of this signature is read
         why = ", ".join(sorted({d for o in others for d in _differences(signature, o)}))
         warnings.warn(
             f"embedding store {path} holds embeddings made with a different {why}; they are "
@@ -279,10 +339,11 @@ def open_signature_group(
         group = zarr.open_group(path / key, mode="a")
     if "signature" not in group.attrs:
         group.attrs["signature"] = signature
-    for name, shape, chunks, dt in (
-        ("features", (n_slices, c, h, w), (1, c, h, w), dtype),
-        ("records", (n_slices, 8), (1, 8), "int64"),
-    ):
+    arrays = [("features", (n_slices, c, h, w), (1, c, h, w), dtype),
+              ("records", (n_slices, 8), (1, 8), "int64")]
+    if dtype == "int8":  # one scale per channel and slice
+        arrays.append(("scales", (n_slices, c), (1, c), "float32"))
+    for name, shape, chunks, dt in arrays:
         if name not in group:
             try:
                 group.create_array(name, shape=shape, chunks=chunks, dtype=dt,

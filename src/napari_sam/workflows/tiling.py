@@ -272,7 +272,7 @@ class TiledSegmenter:
 
     def __init__(self, model: Any, stack: Any, *, tile: int = 1024, overlap: int = 256,
                  cache: str | Path | None = None, memory_bytes: int | None = None,
-                 store_dtype: str = "float16", speed: Any = "auto") -> None:
+                 store_dtype: str = "int8", speed: Any = "auto") -> None:
         from ..engine.cache import DEFAULT_MEMORY_BYTES, EmbeddingCache
         from ..engine.segment import Segmenter, resolve_store
         from ..io.stacks import Stack, open_stack
