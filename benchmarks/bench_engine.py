@@ -124,9 +124,12 @@ def bench_speed(args, ckpt, tmp):
     res["disk_hit_speedup_vs_recompute"] = res["embed_ours_s_per_slice"] * 1000 / res["disk_hit_ms_p50"]
 
     group = seg.cache.store_group
-    feat_dir = Path(group.store.root) / group.path / "features"
-    chunk_bytes = [f.stat().st_size for f in feat_dir.rglob("*") if f.is_file() and f.name != "zarr.json"]
-    res["stored_bytes_per_slice"] = float(np.mean(chunk_bytes))
+    per_slice = 0.0
+    for name in ("features", "scales"):  # scales: int8 stores only
+        folder = Path(group.store.root) / group.path / name
+        chunk_bytes = [f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "zarr.json"]
+        per_slice += float(np.mean(chunk_bytes)) if chunk_bytes else 0.0
+    res["stored_bytes_per_slice"] = per_slice
     res["torch_threads"] = torch.get_num_threads()
     return res
 
