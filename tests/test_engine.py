@@ -122,15 +122,10 @@ def test_int8_store_is_1_mb_per_slice_and_masks_match_float32(tiny_model, data_d
     assert tiny_model.feature_shape == (256, 64, 64)  # as vit_b, vit_l and vit_h
     assert _stored_bytes(tmp_path / "e.zarr") <= 1.1e6
     seg = ns.Segmenter(tiny_model, stack, cache=tmp_path / "e.zarr", memory_bytes=0, speed="off")
-    ious = []
-    for seed in (4, 5, 6):
-        try:
-            ious += check_equivalent(seg, 0, reference(tiny_model, stack.rgb(0)),
-                                     np.random.default_rng(seed), exact=False)
-        except AssertionError:  # the best of three differed: compare all three anyway
-            pass
+    ious = check_equivalent(seg, 0, reference(tiny_model, stack.rgb(0)),
+                            np.random.default_rng(4), exact=False)
     assert seg.cache.stats["encoder_calls"] == 0 and seg.cache.stats["store_hits"] > 0
-    assert len(ious) >= 40
+    assert len(ious) >= 30
     assert np.median(ious) >= 0.99 and np.percentile(ious, 5) >= 0.97, (
         np.median(ious), np.percentile(ious, 5))
 

@@ -85,6 +85,35 @@ def test_auto_with_small_region_cleanup(tiny_model, synthetic_stack):
     assert all(np.count_nonzero(clean == k) >= 16 for k in range(1, int(clean.max()) + 1))
 
 
+def test_auto_masks_are_sams_automatic_mask_generator(tiny_model, synthetic_stack):
+    """Same embedding (the reference encoder), same settings: the same masks, in the same
+    order, as segment-anything's own generator; with every candidate kept, then with a
+    predicted-IoU threshold that keeps about half of them."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    stack = ns.open_stack(synthetic_stack)
+    seg = ns.Segmenter(tiny_model, stack, speed="off")
+    nms = 1.0  # random weights give near-identical boxes: keep them all through the NMS
+    everything = auto_mod.auto_masks(seg, 2, points_per_side=4, pred_iou_thresh=-100.0,
+                                     stability_score_thresh=0.0, box_nms_thresh=nms)
+    half = float(np.median([m.score for m in everything]))
+    for iou_t in (-100.0, half):
+        ours = auto_mod.auto_masks(seg, 2, points_per_side=4, pred_iou_thresh=iou_t,
+                                   stability_score_thresh=0.0, box_nms_thresh=nms)
+        gen = SamAutomaticMaskGenerator(tiny_model.sam, points_per_side=4, points_per_batch=64,
+                                        pred_iou_thresh=iou_t, stability_score_thresh=0.0,
+                                        box_nms_thresh=nms, crop_n_layers=0,
+                                        min_mask_region_area=0, output_mode="binary_mask")
+        theirs = gen.generate(stack.rgb(2))
+        assert len(ours) == len(theirs) and len(ours) > 0
+        for a, b in zip(ours, theirs):
+            np.testing.assert_array_equal(a.full(stack.slice_shape), b["segmentation"])
+            assert a.score == pytest.approx(b["predicted_iou"], abs=1e-6)
+            x0, y0, x1, y1 = a.box
+            assert [x0, y0, x1 - x0, y1 - y0] == list(b["bbox"])
+    assert 0 < len(ours) < len(everything)
+
+
 # ---------------------------------------------------------------- propagation with a decoder we control
 def _disk(shape, cy, cx, r):
     yy, xx = np.indices(shape)

@@ -15,6 +15,7 @@ of first appearance (slice, then the 2D id), so the result does not depend on sc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,10 +26,28 @@ from ..engine.prompt import Prompt
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.segment import Segmenter
 
-__all__ = ["SliceLinker", "auto_segment_slice", "merge_slices"]
+__all__ = ["AutoMask", "SliceLinker", "auto_masks", "auto_segment_slice", "merge_slices"]
 
 
-def auto_segment_slice(
+@dataclass
+class AutoMask:
+    """One mask of the automatic mode: ``crop`` (bool) is the mask inside its inclusive
+    ``box`` (x0, y0, x1, y1) of the slice; ``score`` SAM's predicted IoU."""
+
+    crop: np.ndarray
+    box: tuple[int, int, int, int]
+    score: float
+    area: int
+
+    def full(self, shape: tuple[int, int]) -> np.ndarray:
+        """The mask at the slice's size."""
+        out = np.zeros(shape, bool)
+        x0, y0, x1, y1 = self.box
+        out[y0:y1 + 1, x0:x1 + 1] = self.crop
+        return out
+
+
+def auto_masks(
     seg: "Segmenter",
     index: int,
     *,
@@ -38,23 +57,15 @@ def auto_segment_slice(
     stability_score_thresh: float = 0.95,
     stability_score_offset: float = 1.0,
     box_nms_thresh: float = 0.7,
-    min_area: int = 16,
-    max_area_fraction: float = 0.5,
+    min_area: int = 1,
+    max_area_fraction: float = 1.0,
     min_region_area: int = 0,
-) -> np.ndarray:
-    """Segment everything on slice ``index`` from a grid of points, reusing its embedding.
-
-    Parameters as ``segment_anything.SamAutomaticMaskGenerator`` (no crops), plus
-    ``min_area`` (pixels; also the least area left after painting) and
-    ``max_area_fraction`` (drops background-sized masks). ``min_region_area`` is the
-    generator's ``min_mask_region_area``: holes and disconnected islands smaller than
-    this (pixels) are removed from each mask (:func:`skimage.morphology.remove_small_holes`,
-    :func:`~skimage.morphology.remove_small_objects`); 0 keeps masks as decoded.
-
-    Returns
-    -------
-    numpy.ndarray of uint32, shape (Y, X)
-        Object ids 1..n, numbered largest first; 0 background.
+) -> list[AutoMask]:
+    """The masks of ``segment_anything.SamAutomaticMaskGenerator`` (no crops) on slice
+    ``index``, from its cached embedding: the same grid, batches, filters (predicted IoU,
+    stability score) and box NMS, in the generator's order; plus ``min_area`` /
+    ``max_area_fraction`` (pixels; share of the slice) and ``min_region_area`` (the
+    generator's ``min_mask_region_area``, applied to each mask before the NMS).
     """
     import torch
     from segment_anything.utils.amg import batched_mask_to_box, build_point_grid, calculate_stability_score
@@ -63,19 +74,12 @@ def auto_segment_slice(
     if points_per_side < 1 or points_per_batch < 1:
         raise InvalidInputError("points_per_side and points_per_batch must be >= 1, got "
                                 f"{points_per_side} and {points_per_batch}")
-    if getattr(seg, "tiles", None) is not None:  # a TiledSegmenter: tile by tile
-        return _auto_tiled(seg, index, points_per_side=points_per_side,
-                           points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
-                           stability_score_thresh=stability_score_thresh,
-                           stability_score_offset=stability_score_offset,
-                           box_nms_thresh=box_nms_thresh, min_area=min_area,
-                           max_area_fraction=max_area_fraction, min_region_area=min_region_area)
     h, w = seg.stack.slice_shape
     emb = seg.embedding(index)
     model = seg.model
     grid = build_point_grid(points_per_side)  # (n, 2) as (x, y) in [0, 1]
     points = grid[:, ::-1] * np.array([h, w])  # (y, x) pixels
-    crops, boxes, scores, areas = [], [], [], []
+    found: list[AutoMask] = []
     for start in range(0, len(points), points_per_batch):
         chunk = points[start:start + points_per_batch]
         preds = seg.predict_many(index, [Prompt.of(points=p[None]) for p in chunk], multimask=True)
@@ -97,21 +101,54 @@ def auto_segment_slice(
                 if area < max(min_area, 1) or area > max_area_fraction * h * w:
                     continue
                 x0, y0, x1, y1 = (int(v) for v in bxs[j]) if min_region_area <= 0 else _box(m)
-                crops.append(m[y0:y1 + 1, x0:x1 + 1])
-                boxes.append([x0, y0, x1, y1])
-                scores.append(float(iou[sel[j]]))
-                areas.append(area)
+                found.append(AutoMask(m[y0:y1 + 1, x0:x1 + 1], (x0, y0, x1, y1),
+                                      float(iou[sel[j]]), area))
+    if not found:
+        return []
+    keep = batched_nms(torch.as_tensor([f.box for f in found], dtype=torch.float),
+                       torch.as_tensor([f.score for f in found]),
+                       torch.zeros(len(found), dtype=torch.int64), box_nms_thresh).numpy()
+    return [found[i] for i in keep.tolist()]
+
+
+def auto_segment_slice(
+    seg: "Segmenter",
+    index: int,
+    *,
+    points_per_side: int = 16,
+    points_per_batch: int = 64,
+    pred_iou_thresh: float = 0.88,
+    stability_score_thresh: float = 0.95,
+    stability_score_offset: float = 1.0,
+    box_nms_thresh: float = 0.7,
+    min_area: int = 16,
+    max_area_fraction: float = 0.5,
+    min_region_area: int = 0,
+) -> np.ndarray:
+    """Segment everything on slice ``index`` from a grid of points, reusing its embedding.
+
+    The masks of :func:`auto_masks` (parameters as there; ``min_area`` is also the least
+    area an object keeps after painting), painted largest first without overwriting.
+
+    Returns
+    -------
+    numpy.ndarray of uint32, shape (Y, X)
+        Object ids 1..n, numbered largest first; 0 background.
+    """
+    options = dict(points_per_side=points_per_side, points_per_batch=points_per_batch,
+                   pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
+                   stability_score_offset=stability_score_offset, box_nms_thresh=box_nms_thresh,
+                   min_area=min_area, max_area_fraction=max_area_fraction,
+                   min_region_area=min_region_area)
+    if getattr(seg, "tiles", None) is not None:  # a TiledSegmenter: tile by tile
+        return _auto_tiled(seg, index, **options)
+    h, w = seg.stack.slice_shape
     labels = np.zeros((h, w), np.uint32)
-    if not crops:
-        return labels
-    keep = batched_nms(torch.as_tensor(boxes, dtype=torch.float), torch.as_tensor(scores),
-                       torch.zeros(len(boxes), dtype=torch.int64), box_nms_thresh).numpy()
-    order = sorted(keep.tolist(), key=lambda i: (-areas[i], -scores[i], i))
     next_id = 1
-    for i in order:
-        x0, y0, x1, y1 = boxes[i]
+    for f in sorted(auto_masks(seg, index, **options), key=lambda f: (-f.area, -f.score)):
+        x0, y0, x1, y1 = f.box
         region = labels[y0:y1 + 1, x0:x1 + 1]
-        free = crops[i] & (region == 0)
+        free = f.crop & (region == 0)
         if free.sum() >= max(min_area, 1):
             region[free] = next_id
             next_id += 1
