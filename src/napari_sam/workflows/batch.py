@@ -190,7 +190,7 @@ def propagate_prompts(stack, prompts, out, *, strategy: str | None = None, min_s
     Objects are propagated in fixed groups of ``group_size`` (one task each, batched
     decoder calls inside), then painted slice by slice in id order (lower ids win).
     """
-    from .volume import DEFAULT_STRATEGY, z_line
+    from .volume import DEFAULT_STRATEGY
 
     t0 = time.perf_counter()
     stack, ref, sam_model = open_inputs(stack, model, checkpoint, device)
@@ -201,24 +201,34 @@ def propagate_prompts(stack, prompts, out, *, strategy: str | None = None, min_s
               "min_iou": float(min_iou), "max_slices": max_slices, "group_size": int(group_size)}
     sig = job_signature("propagate", stack, sam_model, objects, params, tile_above)
     output = job_output(out, sig, stack, overwrite)
-    n_groups = -(-len(objects) // group_size)
     result = JobResult(output.path, "propagate", len(stack), n_objects=len(objects))
     if not output.complete:
         job = make_job("propagate", sig, stack, ref, cache, output, objects, params, tile_above)
-        work = output.work_group
-        line_len = len(z_line(stack, objects[0].index)[0])
-        Output.require(work, "objects", (len(objects), line_len, *stack.slice_shape),
-                       (1, 1, *stack.slice_shape), "bool")
-        gdone = np.asarray(Output.require(work, "groups_done", (n_groups,), (1,), "uint8")[:]).astype(bool)
-        todo = [g for g in range(n_groups) if not gdone[g]]
-        result.resumed, result.computed = n_groups - len(todo), len(todo)
-        result.encoder_calls = run_units(job, task_propagate, todo, client=client, progress=progress,
-                                    offset=result.resumed, total=n_groups)
-        result.info = compose(job, output, stack)
+        run_propagation(job, output, stack, result, client=client, progress=progress)
         _write_provenance(job, output, stack, "propagate")
         output.finish()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def run_propagation(job: Job, output: Output, stack, result: JobResult, *, client,
+                    progress: Progress | None) -> None:
+    """Propagate the job's objects in fixed groups (one task each, resumable), then paint
+    them slice by slice; fills ``result`` (units, encoder calls, per-object info)."""
+    from .volume import z_line
+
+    size = job.params["group_size"]
+    n_groups = -(-len(job.objects) // size)
+    work = output.work_group
+    line_len = len(z_line(stack, job.objects[0].index)[0])
+    Output.require(work, "objects", (len(job.objects), line_len, *stack.slice_shape),
+                   (1, 1, *stack.slice_shape), "bool")
+    gdone = np.asarray(Output.require(work, "groups_done", (n_groups,), (1,), "uint8")[:]).astype(bool)
+    todo = [g for g in range(n_groups) if not gdone[g]]
+    result.resumed, result.computed = n_groups - len(todo), len(todo)
+    result.encoder_calls = run_units(job, task_propagate, todo, client=client, progress=progress,
+                                     offset=result.resumed, total=n_groups)
+    result.info = compose(job, output, stack)
 
 
 def _write_provenance(job: Job, output: Output, stack, kind: str, *, n_auto: int = 0) -> None:

@@ -25,7 +25,6 @@ from ..io.prompt_files import ObjectPrompt
 from ._tasks import (
     Job,
     Progress,
-    compose,
     job_output,
     job_signature,
     make_job,
@@ -36,9 +35,8 @@ from ._tasks import (
     run_units,
     segmenter_of,
     slot,
-    task_propagate,
 )
-from .batch import JobResult
+from .batch import JobResult, run_propagation
 from .from_labels import check_labels_shape, label_masks, refine_slice
 from .tiling import DEFAULT_TILE_ABOVE
 
@@ -163,7 +161,7 @@ def propagate_labels_job(labels, stack, out, *, index: int, ids=None, strategy: 
     strategy, min_score, min_iou, max_slices, group_size
         As :func:`napari_sam.workflows.batch.propagate_prompts`.
     """
-    from .volume import DEFAULT_STRATEGY, z_line
+    from .volume import DEFAULT_STRATEGY
 
     t0 = time.perf_counter()
     stack, ref, sam_model = open_inputs(stack, model, checkpoint, device)
@@ -183,20 +181,10 @@ def propagate_labels_job(labels, stack, out, *, index: int, ids=None, strategy: 
               "max_slices": max_slices, "group_size": int(group_size)}
     sig = job_signature("propagate_labels", stack, sam_model, objects, params, tile_above)
     output = job_output(out, sig, stack, overwrite)
-    n_groups = -(-len(objects) // group_size)
     result = JobResult(output.path, "propagate_labels", len(stack), n_objects=len(objects))
     if not output.complete:
         job = make_job("propagate", sig, stack, ref, cache, output, objects, params, tile_above)
-        work = output.work_group
-        line_len = len(z_line(stack, int(index))[0])
-        Output.require(work, "objects", (len(objects), line_len, *stack.slice_shape),
-                       (1, 1, *stack.slice_shape), "bool")
-        gdone = np.asarray(Output.require(work, "groups_done", (n_groups,), (1,), "uint8")[:]).astype(bool)
-        todo = [g for g in range(n_groups) if not gdone[g]]
-        result.resumed, result.computed = n_groups - len(todo), len(todo)
-        result.encoder_calls = run_units(job, task_propagate, todo, client=client,
-                                         progress=progress, offset=result.resumed, total=n_groups)
-        result.info = compose(job, output, stack)
+        run_propagation(job, output, stack, result, client=client, progress=progress)
         _records(job, output, stack, source="propagation", ids=params["ids"],
                  position=slot(stack, int(index)), params=params)
         output.finish()
