@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,33 +41,46 @@ from .batch import JobResult, run_propagation
 from .from_labels import check_labels_shape, label_masks, refine_slice
 from .tiling import DEFAULT_TILE_ABOVE
 
-__all__ = ["refine_labels_job", "propagate_labels_job", "scan_labels"]
+__all__ = ["LabelsScan", "refine_labels_job", "propagate_labels_job", "scan_labels"]
 
 
-def scan_labels(labels) -> tuple[str, int]:
-    """A digest of a labels array's content (job signatures) and its largest id, read one
-    slice at a time."""
+@dataclass
+class LabelsScan:
+    """One read of a labels array: a digest of its content (job signatures), its largest
+    id, and the ids present on each slice position (slices without labels left out)."""
+
+    digest: str
+    top: int
+    ids: dict[tuple, set[int]]
+
+
+def scan_labels(labels) -> LabelsScan:
+    """Read a labels array once, one slice at a time (see :class:`LabelsScan`)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{tuple(labels.shape)}|{np.dtype(labels.dtype).str}".encode())
-    top = 0
+    top, ids = 0, {}
     for pos in np.ndindex(*labels.shape[:-2]):
         page = np.ascontiguousarray(np.asarray(labels[pos]))
         h.update(page.tobytes())
-        top = max(top, int(page.max(initial=0)))
-    return h.hexdigest(), top
+        present = np.unique(page[page != 0])
+        if present.size:
+            top = max(top, int(present.max()))
+            ids[tuple(int(p) for p in pos)] = {int(v) for v in present}
+    return LabelsScan(h.hexdigest(), top, ids)
 
 
-def _input(labels, stack) -> tuple[str, object, str]:
-    """The labels file's path, its (lazy) array and content digest; checked against the image."""
+def _input(labels, stack) -> tuple[str, object, LabelsScan]:
+    """The labels file's path, its (lazy) array and its scan; checked against the image."""
     path = os.fspath(labels)
     if not os.path.exists(path):
         raise InvalidInputError(f"labels file {path!r} does not exist")
     data = read_labels(path)
     check_labels_shape(data, stack)
-    digest, top = scan_labels(data)
-    if top >= 2**32:
-        raise InvalidInputError(f"labels {path!r} hold ids up to {top}; outputs take ids below 2**32")
-    return path, data, digest
+    scan = scan_labels(data)
+    if scan.top >= 2**32:
+        raise InvalidInputError(f"labels {path!r} hold ids up to {scan.top}; outputs take ids "
+                                "below 2**32")
+    return path, data, scan
 
 
 def _box(mask: np.ndarray) -> np.ndarray:
@@ -118,8 +132,8 @@ def refine_labels_job(labels, stack, out, *, ids=None, model=None, checkpoint=No
     """
     t0 = time.perf_counter()
     stack, ref, sam_model = open_inputs(stack, model, checkpoint, device)
-    path, data, digest = _input(labels, stack)
-    params = {"labels": path, "labels_digest": digest,
+    path, data, scan = _input(labels, stack)
+    params = {"labels": path, "labels_digest": scan.digest,
               "ids": None if ids is None else sorted(int(i) for i in ids)}
     sig = job_signature("refine", stack, sam_model, [], params, tile_above)
     output = job_output(out, sig, stack, overwrite)
@@ -127,14 +141,14 @@ def refine_labels_job(labels, stack, out, *, ids=None, model=None, checkpoint=No
     if not output.complete:
         job = make_job("refine", sig, stack, ref, cache, output, [], params, tile_above)
         done = output.done()
-        slices = [i for i in range(len(stack)) if np.any(np.asarray(data[slot(stack, i)]))]
+        slices = [i for i in range(len(stack)) if slot(stack, i) in scan.ids]
         todo = [i for i in slices if not done[i]]
         result.resumed, result.computed = len(slices) - len(todo), len(todo)
         result.encoder_calls = run_units(job, task_refine, todo, client=client, progress=progress,
                                          offset=result.resumed, total=len(slices))
-        found = set()
-        for i in slices:
-            found.update(k for k, _ in label_masks(np.asarray(data[slot(stack, i)]), ids=ids))
+        found = set().union(*scan.ids.values())
+        if ids is not None:
+            found &= {int(i) for i in ids}
         result.n_objects = len(found)
         _records(job, output, stack, source="refinement", ids=sorted(found), position=(),
                  params=params)
@@ -165,7 +179,7 @@ def propagate_labels_job(labels, stack, out, *, index: int, ids=None, strategy: 
 
     t0 = time.perf_counter()
     stack, ref, sam_model = open_inputs(stack, model, checkpoint, device)
-    path, data, digest = _input(labels, stack)
+    path, data, scan = _input(labels, stack)
     if not 0 <= int(index) < len(stack):
         raise InvalidInputError(f"slice index {index} is out of range (0..{len(stack) - 1})")
     found = label_masks(np.asarray(data[slot(stack, int(index))]), ids=ids)
@@ -175,7 +189,7 @@ def propagate_labels_job(labels, stack, out, *, index: int, ids=None, strategy: 
         raise InvalidInputError(f"group_size must be >= 1, got {group_size}")
     objects = [ObjectPrompt(index=int(index), points=np.zeros((0, 2)), point_labels=np.zeros(0, int),
                             box=_box(m), name=f"label {k}") for k, m in found]
-    params = {"seed_labels": path, "labels_digest": digest, "index": int(index),
+    params = {"seed_labels": path, "labels_digest": scan.digest, "index": int(index),
               "ids": [k for k, _ in found], "strategy": strategy or DEFAULT_STRATEGY,
               "min_score": float(min_score), "min_iou": float(min_iou),
               "max_slices": max_slices, "group_size": int(group_size)}
