@@ -75,10 +75,8 @@ def check_labels_shape(labels: Any, stack: Any) -> None:
         raise InvalidInputError(f"labels must be integers, got dtype {dtype}")
 
 
-def label_masks(labels2d: np.ndarray, *, ids: Sequence[int] | None = None,
-                min_area: int = 1) -> list[tuple[int, np.ndarray]]:
-    """(id, full-size bool mask) of every label of a (Y, X) slice, by id; regions come from
-    :func:`skimage.measure.regionprops` (one bounding box each, no full scan per label)."""
+def _regions(labels2d: np.ndarray, *, ids: Sequence[int] | None = None, min_area: int = 1):
+    """The :func:`skimage.measure.regionprops` of a (Y, X) label slice, by id, filtered."""
     from skimage.measure import regionprops
 
     lab = np.asarray(labels2d)
@@ -89,14 +87,22 @@ def label_masks(labels2d: np.ndarray, *, ids: Sequence[int] | None = None,
     if lab.dtype.kind == "i" and lab.size and lab.min() < 0:
         raise InvalidInputError("labels must not be negative")
     wanted = None if ids is None else {int(i) for i in ids}
-    out = []
-    for r in regionprops(lab):
-        if (wanted is not None and r.label not in wanted) or r.area < min_area:
-            continue
-        m = np.zeros(lab.shape, bool)
-        m[r.slice] = r.image
-        out.append((int(r.label), m))
-    return out
+    return [r for r in regionprops(lab)
+            if (wanted is None or r.label in wanted) and r.area >= min_area]
+
+
+def _full(region, shape: tuple[int, ...]) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m[region.slice] = region.image
+    return m
+
+
+def label_masks(labels2d: np.ndarray, *, ids: Sequence[int] | None = None,
+                min_area: int = 1) -> list[tuple[int, np.ndarray]]:
+    """(id, full-size bool mask) of every label of a (Y, X) slice, by id; regions come from
+    :func:`skimage.measure.regionprops` (one bounding box each, no full scan per label)."""
+    shape = np.shape(labels2d)
+    return [(int(r.label), _full(r, shape)) for r in _regions(labels2d, ids=ids, min_area=min_area)]
 
 
 def refine_slice(seg: "Segmenter", index: int, labels2d: np.ndarray, *,
@@ -104,35 +110,31 @@ def refine_slice(seg: "Segmenter", index: int, labels2d: np.ndarray, *,
                  ) -> tuple[np.ndarray, list[dict]]:
     """Refine the labels of one (Y, X) slice (slice ``index`` of ``seg.stack``).
 
-    Returns the new slice (the input's dtype) and one report row per refined label.
+    Labels are decoded ``batch_size`` at a time, and only that many full-size masks are
+    held at once. Returns the new slice (the input's dtype) and one report row per
+    refined label.
     """
     lab = np.asarray(labels2d)
-    objects = label_masks(lab, ids=ids)
+    regions = _regions(lab, ids=ids)
     new = lab.copy()
     rows: list[dict] = []
-    if not objects:
+    if not regions:
         return new, rows
-    refined: list[tuple[int, np.ndarray, float]] = []
-    for start in range(0, len(objects), max(int(batch_size), 1)):
-        chunk = objects[start:start + batch_size]
-        preds = seg.predict_many(index, [seg.prompt_from_mask(index, m) for _, m in chunk])
-        refined += [(k, p.mask, p.score) for (k, _), p in zip(chunk, preds)]
-    for k, _ in objects:  # the old pixels of every refined label are free again
-        new[lab == k] = 0
-    for (k, old), (_, mask, score) in zip(objects, refined):
-        new[mask & (new == 0)] = k  # free, or a refined label's old pixel; lower ids first
-        now = new == k
-        union = int(np.count_nonzero(old | now))
-        rows.append({"label_id": k, "pixels_old": int(old.sum()), "pixels_new": int(now.sum()),
-                     "iou": float(np.count_nonzero(old & now) / union) if union else 0.0,
-                     "score": float(score)})
+    new[np.isin(lab, [r.label for r in regions])] = 0  # refined labels' old pixels are free
+    step = max(int(batch_size), 1)
+    for start in range(0, len(regions), step):  # in id order: lower ids paint first
+        chunk = regions[start:start + step]
+        olds = [_full(r, lab.shape) for r in chunk]
+        preds = seg.predict_many(index, [seg.prompt_from_mask(index, m) for m in olds])
+        for r, old, p in zip(chunk, olds, preds):
+            now = p.mask & (new == 0)  # free, or a refined label's old pixel: its final pixels
+            new[now] = r.label
+            union = int(np.count_nonzero(old | now))
+            rows.append({"label_id": int(r.label), "pixels_old": int(old.sum()),
+                         "pixels_new": int(now.sum()),
+                         "iou": float(np.count_nonzero(old & now) / union) if union else 0.0,
+                         "score": float(p.score)})
     return new, rows
-
-
-def _slices_with_labels(labels: Any, stack: Any, indices: Sequence[int] | None) -> list[int]:
-    if indices is not None:
-        return [int(i) for i in indices]
-    return [i for i in range(len(stack)) if np.any(np.asarray(labels[tuple(stack.position(i))]))]
 
 
 def refine_labels(seg: "Segmenter", labels: Any, *, indices: Sequence[int] | None = None,
@@ -148,8 +150,8 @@ def refine_labels(seg: "Segmenter", labels: Any, *, indices: Sequence[int] | Non
     labels : array-like, shape (slice axes..., Y, X)
         Integer labels (numpy, zarr or dask); read one slice at a time.
     indices : sequence of int, optional
-        Slice indices (:meth:`napari_sam.Stack.index`) to refine; default every slice that
-        holds a label.
+        Slice indices (:meth:`napari_sam.Stack.index`) to refine; default every slice
+        that holds a label (each slice is read once).
     ids : sequence of int, optional
         Only these labels (default all).
     out : array-like, optional
@@ -172,15 +174,17 @@ def refine_labels(seg: "Segmenter", labels: Any, *, indices: Sequence[int] | Non
         out = np.array(labels[...], copy=True)
     elif tuple(out.shape) != tuple(labels.shape):
         raise InvalidInputError(f"out has shape {tuple(out.shape)}, labels {tuple(labels.shape)}")
-    todo = _slices_with_labels(labels, stack, indices)
+    todo = range(len(stack)) if indices is None else [int(i) for i in indices]
     result = RefineResult(out)
     for done, index in enumerate(todo):
         if should_stop is not None and should_stop():
             break
         pos = tuple(stack.position(index))
-        new, rows = refine_slice(seg, index, np.asarray(labels[pos]), ids=ids, batch_size=batch_size)
-        out[pos] = new
-        result.report += [{**r, "position": list(pos)} for r in rows]
+        page = np.asarray(labels[pos])  # read once
+        if indices is not None or page.any():  # by default slices without labels are left
+            new, rows = refine_slice(seg, index, page, ids=ids, batch_size=batch_size)
+            out[pos] = new
+            result.report += [{**r, "position": list(pos)} for r in rows]
         if progress is not None:
             progress(done + 1, len(todo))
     return result
