@@ -131,30 +131,24 @@ def propagate_all(ctrl: "SamController", *, axis: int, lo: int | None = None,
     """Follow every label of the slice in view along ``axis`` (one batched decoder call per
     slice); written where the labels are free (or everywhere with overwrite), lower ids
     first (:func:`napari_sam.workflows.from_labels.propagated_slices`)."""
-    from ..workflows.from_labels import label_masks, propagated_slices
-    from ..workflows.volume import Seed, propagate_many
+    from ..workflows.from_labels import follow_slice_labels
 
     geo = ctrl.geometry()
     if not geo.lead_axes:
         raise ToolError("A 2D image has no slices to propagate through.")
     pos, line = _line(ctrl, axis, lo, hi)
     layer, current = _slice_labels(ctrl, pos)
-    objects = label_masks(current)
-    ids = [k for k, _ in objects]
+    ids = [int(k) for k in np.unique(current[current > 0])]
     settings, index = ctrl.settings(), geo.index(pos)
     z_lo, z_hi = line[0][axis], line[-1][axis]
     name = geo.axis_names()[axis]
 
-    def place(z: int) -> tuple[int, ...]:
-        return tuple(z if k == axis else p for k, p in enumerate(pos))
-
     def job(progress: Progress, should_stop):
         seg = ctrl.session.engine(settings)
-        res = propagate_many(
-            seg, [Seed(index, mask=m) for _, m in objects], axis=axis, limits=(z_lo, z_hi),
+        return follow_slice_labels(
+            seg, current, index=index, position=pos, axis=axis, limits=(z_lo, z_hi),
             min_score=min_score, min_iou=min_iou, should_stop=should_stop,
             progress=lambda d, t: progress(d, t, f"Propagating {len(ids)} labels along {name}"))
-        return propagated_slices(ids, res, place=place)
 
     def apply(slices) -> str:
         changed = L.paint_volume(layer, slices, overwrite=ctrl.overwrite)

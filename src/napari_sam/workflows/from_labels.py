@@ -32,7 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..engine.segment import Segmenter
 
 __all__ = ["RefineResult", "PropagateLabelsResult", "check_labels_shape", "label_masks",
-           "refine_labels", "refine_slice", "propagate_labels", "propagated_slices"]
+           "refine_labels", "refine_slice", "propagate_labels", "propagated_slices",
+           "follow_slice_labels"]
 
 Progress = Callable[[int, int], None]
 
@@ -204,6 +205,23 @@ def propagated_slices(ids: Sequence[int], results: Sequence[PropagationResult], 
             values = out.setdefault(tuple(place(z)), np.zeros(r.mask.shape[1:], np.int64))
             values[r.mask[z] & (values == 0)] = k
     return out
+
+
+def follow_slice_labels(seg: "Segmenter", page: np.ndarray, *, index: int,
+                        position: Sequence[int], axis: int, limits: tuple[int, int] | None = None,
+                        min_score: float = 0.5, min_iou: float = 0.3,
+                        progress: Progress | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> dict[tuple, np.ndarray]:
+    """Every label of the (Y, X) slice ``page`` (slice ``index``, at label-array
+    ``position``) followed along slice axis ``axis`` in one batched propagation; returns
+    :func:`propagated_slices` (the widget's "all on this slice" Propagate, and its replay)."""
+    objects = label_masks(page)
+    res = propagate_many(seg, [Seed(int(index), mask=m) for _, m in objects], axis=axis,
+                         limits=limits, min_score=min_score, min_iou=min_iou,
+                         progress=progress, should_stop=should_stop)
+    at = tuple(int(p) for p in position)
+    return propagated_slices([k for k, _ in objects], res,
+                             place=lambda z: tuple(z if k == axis else p for k, p in enumerate(at)))
 
 
 def propagate_labels(seg: "Segmenter", labels: Any, *, index: int,

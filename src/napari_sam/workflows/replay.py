@@ -103,7 +103,7 @@ def _chain_mask(seg, index: int, steps: list[dict]) -> np.ndarray:
 def _replay_widget(records: list[dict], seg, labels: np.ndarray, present: set[int],
                    progress: Callable[[int, int], None] | None) -> np.ndarray:
     from .auto import SliceLinker, auto_segment_slice
-    from .from_labels import label_masks, propagated_slices, refine_slice
+    from .from_labels import follow_slice_labels, refine_slice
     from .volume import Seed, propagate_many
 
     new = np.zeros_like(labels)
@@ -134,15 +134,10 @@ def _replay_widget(records: list[dict], seg, labels: np.ndarray, present: set[in
             new[pos] = refine_slice(seg, stack.index(pos), new[pos])[0]
             i += 1
         elif source == "propagation" and params.get("every"):
-            objects = label_masks(new[pos])
-            index = stack.index(pos)
-            res = propagate_many(seg, [Seed(index, mask=m) for _, m in objects],
-                                 axis=params.get("axis"), limits=params.get("limits"),
-                                 min_score=params.get("min_score", 0.5),
-                                 min_iou=params.get("min_iou", 0.3))
-            axis = params.get("axis") or 0
-            slices = propagated_slices([k for k, _ in objects], res, place=lambda z, a=axis, at=pos: tuple(
-                z if k == a else p for k, p in enumerate(at)))
+            slices = follow_slice_labels(seg, new[pos], index=stack.index(pos), position=pos,
+                                         axis=params.get("axis") or 0, limits=params.get("limits"),
+                                         min_score=params.get("min_score", 0.5),
+                                         min_iou=params.get("min_iou", 0.3))
             for p, values in slices.items():
                 apply_changes(new, p, [volume_changes(new[p], values,
                                                       overwrite=bool(params.get("overwrite")))])
