@@ -60,6 +60,9 @@ _LAZY = {
     "StackError": "_errors",
     # provenance
     "read_provenance": "io.provenance",
+    # adaptation
+    "adapt": "workflows.adapt",
+    "AdaptResult": "workflows.adapt",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -95,4 +98,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .labels import LabelHistory, PaintResult, UndoRecord, paint, redo, undo
     from .models import REGISTRY, Architecture, SamModel, default_model_name, list_models, load_model
     from .models.base import Embedding
+    from .workflows.adapt import AdaptResult, adapt
     from .workflows.tiling import TiledSegmenter, TiledStack

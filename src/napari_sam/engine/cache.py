@@ -124,7 +124,7 @@ class EmbeddingCache:
         """What a stored embedding depends on; stores are keyed by it."""
         return {
             "format_version": FORMAT_VERSION,
-            "model": self.model.signature(),
+            "model": self.model.embedding_signature(),
             "stack": {
                 "fingerprint": self.stack.fingerprint(),
                 "shape": list(self.stack.shape),
@@ -233,6 +233,29 @@ class EmbeddingCache:
             if progress is not None:
                 progress(done, len(todo))
         return encoded
+
+    def for_model(self, model: "PromptableModel") -> "EmbeddingCache":
+        """A cache for ``model`` over the same stack and store, starting with this one's
+        in-memory embeddings (shared, not copied): for a model whose image encoder is this
+        model's (an adapted mask decoder, :meth:`PromptableModel.embedding_signature`).
+
+        Raises
+        ------
+        InvalidInputError
+            If ``model``'s embeddings would differ from this cache's model's.
+        """
+        if model.embedding_signature() != self.model.embedding_signature():
+            raise InvalidInputError(
+                f"model {getattr(model, 'name', model)!r} has another image encoder than "
+                f"{getattr(self.model, 'name', self.model)!r}: its embeddings differ, so it "
+                "needs a cache of its own")
+        new = EmbeddingCache(model, self.stack, store=self.store_path, memory_bytes=self.memory_bytes,
+                             store_dtype=self.store_dtype, verify_slices=self.verify_slices,
+                             speed=self.speed)
+        with self._lock:
+            for index, emb in self._memory.items():
+                new._memory_put(index, emb)
+        return new
 
     def clear_memory(self) -> None:
         """Drop every in-memory embedding (the store is kept)."""

@@ -73,6 +73,12 @@ class PromptableModel(Protocol):
     def signature(self) -> dict[str, Any]:
         """What stored embeddings depend on (architecture, weights); JSON-able."""
 
+    def embedding_signature(self) -> dict[str, Any]:
+        """What the image embeddings depend on (the store's key): the image encoder's
+        identity. Equal to :meth:`signature` unless only the prompt side changed (an
+        adapted mask decoder keeps its base model's embeddings)."""
+        ...
+
     def speed_config(self, mode: "str | SpeedConfig" = "auto") -> "SpeedConfig":
         """The speed paths for this model's device (``mode`` as :func:`~.speed.speed_config`)."""
 

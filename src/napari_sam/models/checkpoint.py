@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = [
-    "EXPECTED", "PATCH_KEY", "check_keys", "describe_keys", "load_state_dict_file", "sam_state_dict",
+    "EXPECTED", "PATCH_KEY", "check_keys", "describe_keys", "load_checkpoint", "load_state_dict_file", "sam_state_dict",
     "state_dict_sha256",
 ]
 
@@ -90,7 +90,13 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load(path, map_location="cpu", weights_only=True)``, then :func:`sam_state_dict`.
+    """The SAM state dict of a checkpoint file (see :func:`load_checkpoint`)."""
+    return load_checkpoint(path)[0]
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, then :func:`sam_state_dict`;
+    also the ``"napari_sam"`` record of an adapted checkpoint (else None).
 
     Raises
     ------
@@ -125,7 +131,10 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             f"({type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}); "
             "expected a file written by torch.save(sam.state_dict(), path)"
         ) from exc
-    return sam_state_dict(obj, f"checkpoint {str(path)!r}")
+    record = obj.get("napari_sam") if isinstance(obj, Mapping) else None
+    state = sam_state_dict({k: v for k, v in obj.items() if k != "napari_sam"}
+                           if isinstance(record, Mapping) else obj, f"checkpoint {str(path)!r}")
+    return state, dict(record) if isinstance(record, Mapping) else None
 
 
 def check_keys(expected: Mapping[str, Any], state: Mapping[str, Any], source: str, arch: str) -> None:

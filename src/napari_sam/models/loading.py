@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from .._errors import CheckpointError, InvalidInputError
 from . import download
 from .architecture import OFFICIAL_ARCHITECTURES, build_sam, infer_architecture
-from .checkpoint import check_keys, load_state_dict_file, state_dict_sha256
+from .checkpoint import check_keys, load_checkpoint, state_dict_sha256
 from .registry import REGISTRY, ModelSpec
 from .sam import SamModel
 
@@ -272,7 +272,7 @@ def load_model(
     else:
         assert spec is not None
         path, sha, _ = _resolve(spec.name, progress=progress)
-    state = load_state_dict_file(path)
+    state, record = load_checkpoint(path)
     arch = infer_architecture(state)
     if spec is not None:
         expected = OFFICIAL_ARCHITECTURES[spec.architecture]
@@ -289,7 +289,7 @@ def load_model(
     sam = build_sam(arch)
     check_keys(sam.state_dict(), state, f"checkpoint {str(path)!r}", arch.describe())
     sam.load_state_dict(state, strict=True)
-    return SamModel(_finish(sam, dev), arch, str(sha), name, dev, path)
+    return SamModel(_finish(sam, dev), arch, str(sha), name, dev, path, adaptation=record)
 
 
 # one loaded model per process for the front ends (the widget, batch workers): reopening

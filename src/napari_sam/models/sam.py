@@ -52,6 +52,9 @@ class SamModel:
         Registry name, checkpoint file name, or ``"custom"``.
     device : torch.device
     checkpoint_path : Path or None
+    adaptation : dict or None
+        For a model adapted by :func:`napari_sam.workflows.adapt.adapt`: its record (base
+        model, training objects, settings, validation scores), saved in the checkpoint.
     """
 
     sam: Sam
@@ -60,6 +63,7 @@ class SamModel:
     name: str
     device: torch.device
     checkpoint_path: Path | None = field(default=None)
+    adaptation: dict | None = field(default=None)
 
     @property
     def image_size(self) -> int:
@@ -67,8 +71,16 @@ class SamModel:
         return self.architecture.image_size
 
     def signature(self) -> dict[str, Any]:
-        """What an embedding cache must match: architecture and checkpoint hash."""
+        """The model's identity (batch job signatures): architecture and checkpoint hash."""
         return {"architecture": self.architecture.to_dict(), "checkpoint_sha256": self.checkpoint_sha256}
+
+    def embedding_signature(self) -> dict[str, Any]:
+        """What an embedding store must match: the architecture and the hash of the
+        checkpoint whose image encoder this is (an adapted decoder keeps its base's)."""
+        sha = self.checkpoint_sha256
+        if self.adaptation and self.adaptation.get("encoder_unchanged"):
+            sha = self.adaptation["base_checkpoint_sha256"]
+        return {"architecture": self.architecture.to_dict(), "checkpoint_sha256": sha}
 
     # ------------------------------------------------------------------ PromptableModel
     @property
@@ -177,29 +189,19 @@ class SamModel:
             Low-resolution logits (B, K, s, s) and predicted IoU (B, K), float32 on the CPU.
         """
         import torch
-        from segment_anything.utils.transforms import ResizeLongestSide
 
         from .speed import decoder_dtype
 
-        sam, device = self.sam, self.device
+        sam = self.sam
         cfg = self.speed_config() if speed is None else speed
-        transform = ResizeLongestSide(sam.image_encoder.img_size)
-        point_t = box_t = mask_t = None
-        if points is not None:
-            coords = transform.apply_coords(to_sam_xy(points), emb.original_size)
-            point_t = (torch.as_tensor(coords, dtype=torch.float, device=device),
-                       torch.as_tensor(point_labels, dtype=torch.int, device=device))
-        if boxes is not None:
-            sam_boxes = transform.apply_boxes(to_sam_xy(boxes), emb.original_size)
-            box_t = torch.as_tensor(sam_boxes, dtype=torch.float, device=device)
-        if mask_input is not None:
-            mask_t = torch.as_tensor(mask_input, dtype=torch.float, device=device)
+        point_t, box_t, mask_t = self.prompt_tensors(emb, points=points, point_labels=point_labels,
+                                                     boxes=boxes, mask_input=mask_input)
         with torch.inference_mode():
             sparse, dense = sam.prompt_encoder(points=point_t, boxes=box_t, masks=mask_t)
             if cfg.fast_decoder:
                 from ._decoder import decoder_for
 
-                fast = decoder_for(sam, decoder_dtype(device, cfg))
+                fast = decoder_for(sam, decoder_dtype(self.device, cfg))
                 low_res, iou = fast(emb.features, sparse, dense, multimask=multimask,
                                     dense_is_constant=mask_t is None)
             else:
@@ -211,6 +213,28 @@ class SamModel:
                     multimask_output=multimask,
                 )
         return low_res.float().cpu(), iou.float().cpu()
+
+    def prompt_tensors(self, emb: Embedding, *, points=None, point_labels=None, boxes=None,
+                       mask_input=None):
+        """Prompts as ``sam.prompt_encoder`` takes them: (y, x) flipped to SAM's (x, y) and
+        scaled to the model's input frame, as ``SamPredictor`` does; arguments as
+        :meth:`decode`. Returns (points, labels) or None, boxes or None, masks or None."""
+        import torch
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        device = self.device
+        transform = ResizeLongestSide(self.sam.image_encoder.img_size)
+        point_t = box_t = mask_t = None
+        if points is not None:
+            coords = transform.apply_coords(to_sam_xy(points), emb.original_size)
+            point_t = (torch.as_tensor(coords, dtype=torch.float, device=device),
+                       torch.as_tensor(point_labels, dtype=torch.int, device=device))
+        if boxes is not None:
+            sam_boxes = transform.apply_boxes(to_sam_xy(boxes), emb.original_size)
+            box_t = torch.as_tensor(sam_boxes, dtype=torch.float, device=device)
+        if mask_input is not None:
+            mask_t = torch.as_tensor(mask_input, dtype=torch.float, device=device)
+        return point_t, box_t, mask_t
 
     @property
     def mask_threshold(self) -> float:
