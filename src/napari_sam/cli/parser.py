@@ -150,6 +150,38 @@ def build_parser() -> argparse.ArgumentParser:
     _propagation(p)
     _common(p)
 
+    p = sub.add_parser("adapt", help="fine-tune the mask decoder on your labels",
+                       description="Every label of LABELS (on every slice where it appears) "
+                       "is a training object: the mask decoder is trained on prompts sampled "
+                       "from them, on the cached embeddings (the image encoder is not trained, "
+                       "so the embedding store of the base model stays valid). Some objects are "
+                       "held out: their single-click IoU before and after is printed. OUT is "
+                       "a checkpoint for --checkpoint, the widget's Model, or load_model.")
+    p.add_argument("labels", metavar="LABELS", help="labels of the image's shape (OME-Zarr or TIFF)")
+    p.add_argument("stack", metavar="STACK", help="the image the labels belong to")
+    p.add_argument("--out", "-o", required=True, help="the adapted model (.pth)")
+    p.add_argument("--cache", help="embedding store to read and fill (default: the one beside "
+                   "STACK if it exists, else embeddings in memory)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--slices", type=_ids, metavar="K[,K...]", help="only the labels of these "
+                   "slices (stack indices)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=20, help="at most this many epochs (default 20)")
+    t.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4)")
+    t.add_argument("--loss", choices=("balanced", "sam"), default="balanced",
+                   help="mask loss: class-balanced cross-entropy + dice (default), or SAM's "
+                   "20 x focal + dice")
+    t.add_argument("--val-fraction", type=float, default=0.25,
+                   help="share of objects held out (default 0.25)")
+    t.add_argument("--patience", type=int, default=4,
+                   help="stop after this many epochs without a better validation loss")
+    t.add_argument("--rounds", type=int, default=2,
+                   help="prompts per object: a first one and corrections (default 2)")
+    t.add_argument("--batch-size", type=int, default=1, help="objects per step (default 1)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the split and the prompts")
+    t.add_argument("--min-area", type=int, default=16, help="skip labels smaller than this (px)")
+    _common(p, workers=False)
+
     p = sub.add_parser("info", help="what napari-sam sees in a stack and what it has stored",
                        description="Axes, shape, slices, channel, contrast limits, the embedding "
                        "store napari-sam would use and how many slices it already holds.")

@@ -83,6 +83,8 @@ def run(args) -> int:
         return 0
     if args.command == "refine":
         return _refine(args, options, bar)
+    if args.command == "adapt":
+        return _adapt(args)
     if args.command == "embed":
         from ..io.places import embedding_store_for
 
@@ -176,6 +178,28 @@ def _refine(args, options: dict, bar) -> int:
         bar.close()
         _close(client, cluster)
     print(res.summary())
+    return 0
+
+
+def _adapt(args) -> int:
+    from ..models.loading import load_model
+    from ..workflows.adapt import adapt
+
+    model = load_model(args.model, checkpoint=args.checkpoint, device=args.device)
+
+    def progress(done: int, total: int, info: dict) -> None:
+        if info["end_of_epoch"] and not args.quiet:
+            print(f"epoch {info['epoch']}/{info['epochs']}: training loss {info['loss']:.4f}, "
+                  f"validation loss {info['val_loss']:.4f}", file=sys.stderr, flush=True)
+
+    res = adapt(model, open_input(args.stack, args), args.labels, slices=args.slices,
+                cache=args.cache or "auto", out=args.out, overwrite=args.overwrite,
+                min_area=args.min_area, epochs=args.epochs, lr=args.lr, loss=args.loss,
+                val_fraction=args.val_fraction, patience=args.patience, rounds=args.rounds,
+                batch_size=args.batch_size, seed=args.seed, progress=progress)
+    print(res.summary())
+    print(f"use it: napari-sam segment ... --checkpoint {args.out}, or choose it under Model "
+          "in the widget (the embeddings stored for the base model are reused)")
     return 0
 
 
