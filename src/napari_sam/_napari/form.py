@@ -103,10 +103,14 @@ def build_form(w: "SamWidget") -> None:
                                   tooltip="New ids, never over existing labels")
     w.everything_range = CheckBox(value=False, text="on From..to")
     w.precompute_btn = PushButton(text="Precompute", tooltip="Embed the slices From..to")
+    w.adapt_btn = PushButton(text="Adapt to my annotations",
+                             tooltip="Fine-tune SAM's mask decoder on the objects committed so "
+                             "far (a few are held out to measure it), save it beside the image "
+                             "and segment with it; the embeddings are kept")
     w.volume_box = Container(widgets=[
         w.axis, _row(w.from_spin, w.to_spin, label="Slices"), _row(w.label_id, w.every_label, label="Label"),
         _row(w.propagate_btn, w.refine_btn),
-        _row(w.everything_btn, w.everything_range), w.precompute_btn])
+        _row(w.everything_btn, w.everything_range), _row(w.precompute_btn, w.adapt_btn)])
 
     # settings
     w.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")

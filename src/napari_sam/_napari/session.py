@@ -116,8 +116,10 @@ class Session:
             old = self._seg
             if old is not None:  # the old engine's queued prefetches are no use now
                 old.cancel_prefetch()
-            seg = segmenter_for(model, stack, cache=settings.store(),
-                                tile_above=settings.tile_above)
+            seg = _same_embeddings(old, self._key, key, model)
+            if seg is None:
+                seg = segmenter_for(model, stack, cache=settings.store(),
+                                    tile_above=settings.tile_above)
             self._seg, self._key = seg, key
             return seg
 
@@ -127,3 +129,19 @@ class Session:
             seg, self._seg, self._key = self._seg, None, None
         if seg is not None:
             seg.cancel_prefetch()
+
+
+def _same_embeddings(old: Any, old_key: tuple | None, key: tuple, model: Any) -> Any:
+    """A segmenter for ``model`` that keeps ``old``'s embeddings (memory and store), when
+    only the model changed and its image encoder is the old one's (an adapted decoder);
+    else None."""
+    from ..engine.segment import Segmenter
+
+    if old is None or old_key is None or not isinstance(old, Segmenter):
+        return None
+    model_field = 3  # EngineSettings.key(): (data_id, axes, channel, model, ...)
+    if old_key[:model_field] + old_key[model_field + 1:] != key[:model_field] + key[model_field + 1:]:
+        return None
+    if model.embedding_signature() != old.model.embedding_signature():
+        return None
+    return Segmenter.from_cache(old.cache.for_model(model))

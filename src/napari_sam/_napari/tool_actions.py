@@ -17,7 +17,7 @@ __all__ = ["ToolActions"]
 
 
 class ToolActions:
-    """Propagate, segment everything, refine a label, precompute; Cancel."""
+    """Propagate, segment everything, refine a label, precompute, adapt; Cancel."""
 
     def _axis_range(self) -> tuple[int | None, int, int]:
         return self.axis.value, int(self.from_spin.value), int(self.to_spin.value)
@@ -54,6 +54,14 @@ class ToolActions:
         axis, lo, hi = self._axis_range()
         return self._run_tool(lambda: tools.precompute(self.ctrl, axis=axis, lo=lo, hi=hi))
 
+    def adapt_model(self, settings: Any = None) -> Job | None:
+        """Fine-tune the mask decoder on the labels made so far and segment with it
+        (:mod:`.adapt_action`); ``settings``: an ``AdaptSettings`` (default: its defaults)."""
+        from . import adapt_action
+
+        return self._run_tool(lambda: adapt_action.adapt(self.ctrl, use_model=self.set_model,
+                                                         settings=settings))
+
     def _run_tool(self, plan: Callable[[], tools.ToolRun]) -> Job | None:
         if self.job is not None and self.job.running:
             self.messages.status("Another tool is running: wait for it, or Cancel it.")
@@ -61,21 +69,26 @@ class ToolActions:
         run = self._guard(plan)
         if run is None:
             return None
-        self.messages.busy(True, run.title)
 
         def done(value: Any) -> None:
             self.messages.status(self._guard(lambda: run.apply(value)) or "")
 
-        self.job = Job(run.job, on_progress=self.messages.progress, on_done=done,
-                       on_error=self.messages.error,
-                       on_finished=lambda: self.messages.busy(False))
+        def finished() -> None:
+            self.messages.busy(False)
+            if job.cancelled:
+                self.messages.status(f"{run.title}: cancelled, nothing was changed.")
+
+        self.job = job = Job(run.job, on_progress=self.messages.progress, on_done=done,
+                             on_error=self.messages.error, on_finished=finished)
+        self.job.running = True  # Cancel shows from the start
+        self.messages.busy(True, run.title)
         return self.job.start(synchronous=self.synchronous)
 
     def cancel(self) -> None:
         """Stop the running tool after its current slice (nothing of it is written)."""
         if self.job is not None and self.job.running:
             self.job.cancel()
-            self.messages.status("Cancelling after the current slice ...")
+            self.messages.status("Cancelling after the current step ...")
         seg = self.ctrl.segmenter
         if seg is not None:
             seg.cancel_prefetch()

@@ -106,6 +106,7 @@ class SamWidget(ToolActions, Container):
             self.mask_btn: self.cycle_mask, self.undo_btn: self.undo, self.redo_btn: self.redo,
             self.propagate_btn: self.propagate, self.everything_btn: self.segment_everything,
             self.refine_btn: self.refine_label, self.precompute_btn: self.precompute,
+            self.adapt_btn: self.adapt_model,
             self.cancel_btn: self.cancel, self.browse_btn: self._browse_model,
         }
         for btn, slot in buttons.items():
