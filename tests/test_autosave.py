@@ -55,6 +55,8 @@ print(json.dumps({"ids": np.unique(data).tolist(), "counts": [int((data == i).su
                   "records": len(labels.metadata.get("napari_sam_provenance", [])),
                   "lazy": type(labels.data).__name__, "status": w.messages.last_status,
                   "points": np.asarray(viewer.layers["SAM points"].data).tolist()}), flush=True)
+viewer.close()  # as a user closes napari (an unclosed viewer can crash Qt's teardown at exit)
+app.processEvents()
 """
 
 

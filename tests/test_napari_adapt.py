@@ -78,14 +78,18 @@ def test_adapt_then_segment_with_the_adapted_model(cells, qtbot, tiny_checkpoint
     assert path.with_name("cells.adapted-2.pth").exists()
 
 
-def test_cancel_keeps_the_model(cells, qtbot):
+def test_cancel_keeps_the_model(cells, qtbot, monkeypatch):
+    from napari_sam._napari import adapt_action
+
     viewer, w, path, _ = cells
+    monkeypatch.setattr(adapt_action, "MAX_OBJECTS", 6)  # more are sampled down to this
     before = w.model.value
     steps = []
     job = w.adapt_model(AdaptSettings(epochs=200))
     assert job is not None and not w.cancel_btn.native.isHidden()
     job._progress.connect(lambda *a: steps.append(a))
     qtbot.waitUntil(lambda: len(steps) >= 1, timeout=300_000)
+    assert steps[0][2].startswith("Adapting on 6 objects: epoch 1/200, loss ")
     w.cancel()
     _wait(qtbot, w, job)
     assert "cancelled, nothing was changed" in w.messages.last_status

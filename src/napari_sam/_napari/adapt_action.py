@@ -6,7 +6,8 @@ wrote (the provenance records of the labels layer) and on the slice in view; the
 copied on the GUI thread (a few slices), the training runs as a :class:`~.workers.Job`
 (progress with the live loss, Cancel), and the adapted model is saved beside the image
 (``cells.adapted.pth``; never over an existing file) and chosen under Model. Only the
-decoder changes, so the embeddings computed so far are kept (memory and store).
+decoder changes, so the embeddings computed so far are kept (memory and store). More than
+:data:`MAX_OBJECTS` objects (labels from segment everything, say) are sampled.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["adapt", "adapted_model_path"]
 
 MIN_OBJECTS = 4
+#: more objects than this are sampled (seeded): an epoch stays under a minute or so
+MAX_OBJECTS = 200
 
 
 def adapted_model_path(image: str | None) -> Path:
@@ -82,10 +85,14 @@ def adapt(ctrl: "SamController", *, use_model: Callable[[str], None],
         raise ToolError(f"Adapting needs at least {MIN_OBJECTS} objects (some are held out to "
                         f"measure the result); the labels have {len(objects)} on the slices "
                         "where you committed: commit more.")
+    found = len(objects)
+    if found > MAX_OBJECTS:
+        keep = np.random.default_rng(0).choice(found, MAX_OBJECTS, replace=False)
+        objects = [objects[i] for i in sorted(keep)]
     settings = settings or AdaptSettings()
     out = adapted_model_path(engine.source_path)
     source = {"image": engine.source_path, "labels_layer": layer.name,
-              "slices": sorted({o.index for o in objects})}
+              "slices": sorted({o.index for o in objects}), "objects_found": found}
 
     def job(progress, should_stop):
         seg = ctrl.session.engine(engine)
@@ -106,8 +113,9 @@ def adapt(ctrl: "SamController", *, use_model: Callable[[str], None],
         if res is None or res.cancelled:
             return "Adaptation cancelled: the model is unchanged and nothing was saved."
         use_model(str(res.path))
+        sampled = f" (a sample of the {found} found)" if found > len(objects) else ""
         return (f"Adapted on {res.record['objects']['train']} objects "
-                f"({res.record['objects']['val']} held out): single-click IoU "
+                f"({res.record['objects']['val']} held out){sampled}: single-click IoU "
                 f"{res.iou_before:.2f} -> {res.iou_after:.2f}. Now segmenting with "
                 f"{res.path.name} (saved in {res.path.parent}); the embeddings are kept. "
                 "Choose the base model under Model to go back.")
