@@ -222,6 +222,8 @@ def test_bad_input(tiny_model, nuclei, nuclei_files, tmp_path):
                        (dict(loss="l2"), "loss"), (dict(lr=0.0), "lr")):
         with pytest.raises(ns.InvalidInputError, match=match):
             adapt_objects(seg, objs, settings=AdaptSettings(**bad))
+    with pytest.raises(ns.InvalidInputError, match="tiling threshold"):
+        adapt_objects(ns.TiledSegmenter(tiny_model, stack, tile=128, overlap=32), objs)
     image, labels = nuclei_files
     out = tmp_path / "mine.pth"
     out.write_bytes(b"the user's file")
@@ -257,6 +259,9 @@ def test_cli_adapt(tiny_checkpoint, nuclei_files, tmp_path):
     assert model.adaptation["objects"]["train"] > 0
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "exists" in again.stderr  # never over the user's file
+    tiled = subprocess.run([*args[:-4], "--out", str(tmp_path / "t.pth"), "--tile-above", "128"],
+                           capture_output=True, text=True, timeout=600)
+    assert tiled.returncode == 2 and "--tile-above 0" in tiled.stderr
     seg = subprocess.run([installed, "segment", str(image), "--checkpoint", str(out), "--device",
                           "cpu", "--prompts", str(_points_csv(tmp_path)), "--out",
                           str(tmp_path / "seg.tif"), "-q"], capture_output=True, text=True,

@@ -85,7 +85,8 @@ class ToolActions:
         return self.job.start(synchronous=self.synchronous)
 
     def cancel(self) -> None:
-        """Stop the running tool after its current slice (nothing of it is written)."""
+        """Stop the running tool after its current step (slice, training step): nothing of it
+        is written."""
         if self.job is not None and self.job.running:
             self.job.cancel()
             self.messages.status("Cancelling after the current step ...")

@@ -165,20 +165,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--slices", type=_ids, metavar="K[,K...]", help="only the labels of these "
                    "slices (stack indices)")
+    from ..workflows.adapt import AdaptSettings
+
+    d = AdaptSettings()
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=20, help="at most this many epochs (default 20)")
-    t.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4)")
-    t.add_argument("--loss", choices=("balanced", "sam"), default="balanced",
+    t.add_argument("--epochs", type=int, default=d.epochs,
+                   help=f"at most this many epochs (default {d.epochs})")
+    t.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr:g})")
+    t.add_argument("--loss", choices=("balanced", "sam"), default=d.loss,
                    help="mask loss: class-balanced cross-entropy + dice (default), or SAM's "
                    "20 x focal + dice")
-    t.add_argument("--val-fraction", type=float, default=0.25,
-                   help="share of objects held out (default 0.25)")
-    t.add_argument("--patience", type=int, default=4,
-                   help="stop after this many epochs without a better validation loss")
-    t.add_argument("--rounds", type=int, default=2,
-                   help="prompts per object: a first one and corrections (default 2)")
-    t.add_argument("--batch-size", type=int, default=1, help="objects per step (default 1)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the split and the prompts")
+    t.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help=f"share of objects held out (default {d.val_fraction:g})")
+    t.add_argument("--patience", type=int, default=d.patience,
+                   help=f"stop after this many epochs without a better validation loss "
+                   f"(default {d.patience})")
+    t.add_argument("--rounds", type=int, default=d.rounds,
+                   help=f"prompts per object: a first one and corrections (default {d.rounds})")
+    t.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"objects per step (default {d.batch_size})")
+    t.add_argument("--seed", type=int, default=d.seed, help="seed of the split and the prompts")
     t.add_argument("--min-area", type=int, default=16, help="skip labels smaller than this (px)")
     _common(p, workers=False)
 

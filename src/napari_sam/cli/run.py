@@ -192,7 +192,15 @@ def _adapt(args) -> int:
             print(f"epoch {info['epoch']}/{info['epochs']}: training loss {info['loss']:.4f}, "
                   f"validation loss {info['val_loss']:.4f}", file=sys.stderr, flush=True)
 
-    res = adapt(model, open_input(args.stack, args), args.labels, slices=args.slices,
+    stack = open_input(args.stack, args)
+    if 0 < args.tile_above < max(stack.slice_shape):
+        from .._errors import InvalidInputError
+
+        raise InvalidInputError(
+            f"the slices of {args.stack} are {max(stack.slice_shape)} px, above --tile-above "
+            f"{args.tile_above}: they are segmented on tiles, and adapting needs whole slices; "
+            "pass --tile-above 0 here and when segmenting with the adapted model")
+    res = adapt(model, stack, args.labels, slices=args.slices,
                 cache=args.cache or "auto", out=args.out, overwrite=args.overwrite,
                 min_area=args.min_area, epochs=args.epochs, lr=args.lr, loss=args.loss,
                 val_fraction=args.val_fraction, patience=args.patience, rounds=args.rounds,

@@ -281,8 +281,15 @@ def adapt_objects(seg: "Segmenter", objects: Sequence[TrainingObject], *,
     ``seg`` serves every embedding. :func:`adapt` opens the files and calls this."""
     import torch
 
+    from ..engine.segment import Segmenter
+
     s = settings or AdaptSettings()
     s.check()
+    if not isinstance(seg, Segmenter):
+        raise InvalidInputError(
+            f"adapting needs whole-slice embeddings (a Segmenter), got {type(seg).__name__}: "
+            "slices larger than the tiling threshold are segmented on tiles; set the "
+            "threshold to 0 (widget: Settings > Tile above px; CLI: --tile-above 0) to adapt")
     model = seg.model
     objects = list(objects)
     if len(objects) < 4:
