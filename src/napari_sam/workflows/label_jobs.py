@@ -40,6 +40,7 @@ from ._tasks import (
 from .batch import JobResult, run_propagation
 from .from_labels import check_labels_shape, label_masks, refine_slice
 from .tiling import DEFAULT_TILE_ABOVE
+from .volume import mask_box
 
 __all__ = ["LabelsScan", "refine_labels_job", "propagate_labels_job", "scan_labels"]
 
@@ -81,11 +82,6 @@ def _input(labels, stack) -> tuple[str, object, LabelsScan]:
         raise InvalidInputError(f"labels {path!r} hold ids up to {scan.top}; outputs take ids "
                                 "below 2**32")
     return path, data, scan
-
-
-def _box(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return np.array([ys[0], xs[0], ys[-1] + 1, xs[-1] + 1], float)
 
 
 def task_refine(job: Job, index: int) -> int:
@@ -188,7 +184,7 @@ def propagate_labels_job(labels, stack, out, *, index: int, ids=None, strategy: 
     if group_size < 1:
         raise InvalidInputError(f"group_size must be >= 1, got {group_size}")
     objects = [ObjectPrompt(index=int(index), points=np.zeros((0, 2)), point_labels=np.zeros(0, int),
-                            box=_box(m), name=f"label {k}") for k, m in found]
+                            box=mask_box(m), name=f"label {k}") for k, m in found]
     params = {"seed_labels": path, "labels_digest": scan.digest, "index": int(index),
               "ids": [k for k, _ in found], "strategy": strategy or DEFAULT_STRATEGY,
               "min_score": float(min_score), "min_iou": float(min_iou),

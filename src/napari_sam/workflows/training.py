@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .._errors import InvalidInputError
-from .volume import interior_points
+from .volume import interior_points, mask_box
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -51,8 +51,7 @@ def first_prompt(mask: np.ndarray, rng: np.random.Generator | None, box_fraction
     least 40 % of the deepest point's): where users click.
     """
     if rng is not None and rng.random() < box_fraction:
-        ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        box = np.array([ys[0], xs[0], ys[-1] + 1, xs[-1] + 1], float)
+        box = mask_box(mask)
         side = np.array([box[2] - box[0], box[3] - box[1]] * 2)
         box = box + rng.normal(0, 0.1, 4) * np.minimum(side, 20)
         h, w = mask.shape

@@ -34,7 +34,7 @@ from ..engine.prompt import Prompt
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.segment import Segmenter
 
-__all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "PropagationResult", "Seed", "SliceStep",
+__all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "PropagationResult", "Seed", "SliceStep", "mask_box",
            "interior_points", "propagate", "propagate_many", "z_line"]
 
 STRATEGIES = ("box", "points", "mask")
@@ -134,7 +134,8 @@ def z_line(stack, index: int, axis: int | str | None = None) -> tuple[list[int],
 
 
 # ------------------------------------------------------------------ prompt derivation
-def _bbox(mask: np.ndarray) -> np.ndarray:
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """The box (y0, x0, y1, x1) around a non-empty 2D mask, as SAM's box prompt (float)."""
     ys = np.flatnonzero(mask.any(axis=1))
     xs = np.flatnonzero(mask.any(axis=0))
     return np.array([ys[0], xs[0], ys[-1] + 1, xs[-1] + 1], float)
@@ -163,13 +164,13 @@ def _prompt(strategy: str, prev_mask: np.ndarray, prev_logits: np.ndarray | None
             seg: "Segmenter", index: int) -> Prompt:
     """The prompt for the next slice from the previous accepted mask."""
     if strategy == "box":
-        return Prompt.of(box=_bbox(prev_mask))
+        return Prompt.of(box=mask_box(prev_mask))
     if strategy == "points":
         pts = interior_points(prev_mask)
         return Prompt.of(points=pts, point_labels=np.ones(len(pts), np.int64))
     if prev_logits is None:
         return seg.prompt_from_mask(index, prev_mask)
-    return Prompt.of(box=_bbox(prev_mask), mask_input=prev_logits)
+    return Prompt.of(box=mask_box(prev_mask), mask_input=prev_logits)
 
 
 # ------------------------------------------------------------------ decoding
