@@ -70,6 +70,8 @@ def test_adapt_then_segment_with_the_adapted_model(cells, qtbot, tiny_checkpoint
     new = w.ctrl.segmenter
     assert new is not seg and new.model.adaptation is not None
     assert seg.cache.stats["encoder_calls"] == 2
+    # the adapted model in memory is used, not read back from the file: one image encoder
+    assert new.model.sam.image_encoder is seg.model.sam.image_encoder
     assert new.cache.stats["encoder_calls"] == 0
     want = ns.Segmenter(model, ns.open_stack(path)).predict(0, points=[(60.0, 60.0)])
     np.testing.assert_array_equal(w.ctrl.answer_shown.predictions[0].logits, want.logits)

@@ -66,6 +66,7 @@ def adapt(ctrl: "SamController", *, use_model: Callable[[str], None],
     """Plan an adaptation on the labels made so far; ``use_model(path)`` chooses the
     adapted model once it is saved. ``settings``: an
     :class:`~napari_sam.workflows.adapt.AdaptSettings` (default: its defaults)."""
+    from ..models.loading import keep_loaded
     from ..workflows.adapt import AdaptSettings, adapt_objects
     from ..workflows.from_labels import label_masks
     from ..workflows.training import TrainingObject
@@ -107,6 +108,7 @@ def adapt(ctrl: "SamController", *, use_model: Callable[[str], None],
                             should_stop=should_stop)
         if not res.cancelled:
             res.save(out)
+            keep_loaded(res.model, str(out), device=engine.device)  # no reload from the file
         return res
 
     def apply(res) -> str:

@@ -166,13 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=_ids, metavar="K[,K...]", help="only the labels of these "
                    "slices (stack indices)")
     from ..workflows.adapt import AdaptSettings
+    from ..workflows.training import LOSSES
 
     d = AdaptSettings()
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=d.epochs,
                    help=f"at most this many epochs (default {d.epochs})")
     t.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr:g})")
-    t.add_argument("--loss", choices=("balanced", "sam"), default=d.loss,
+    t.add_argument("--loss", choices=LOSSES, default=d.loss,
                    help="mask loss: class-balanced cross-entropy + dice (default), or SAM's "
                    "20 x focal + dice")
     t.add_argument("--val-fraction", type=float, default=d.val_fraction,

@@ -309,14 +309,7 @@ def load_model_cached(model: str | os.PathLike | None = None, *,
     """
     if model is None and checkpoint is None:
         model = default_model_name()
-
-    def stamp(p):
-        path = None if p is None else Path(p).expanduser()
-        return path.stat().st_mtime_ns if path is not None and path.is_file() else None
-
-    key = (None if model is None else os.fspath(model), stamp(model),
-           None if checkpoint is None else os.fspath(checkpoint), stamp(checkpoint),
-           None if device is None else str(device))
+    key = _cache_key(model, checkpoint, device)
     with _CACHED_LOCK:
         hit = _CACHED.get(key)
         if hit is None:
@@ -324,3 +317,23 @@ def load_model_cached(model: str | os.PathLike | None = None, *,
             _CACHED.clear()
             _CACHED[key] = hit
         return hit
+
+
+def _cache_key(model, checkpoint, device) -> tuple:
+    def stamp(p):
+        path = None if p is None else Path(p).expanduser()
+        return path.stat().st_mtime_ns if path is not None and path.is_file() else None
+
+    return (None if model is None else os.fspath(model), stamp(model),
+            None if checkpoint is None else os.fspath(checkpoint), stamp(checkpoint),
+            None if device is None else str(device))
+
+
+def keep_loaded(loaded: SamModel, path: str | os.PathLike, *,
+                device: str | torch.device | None = None) -> None:
+    """Make ``loaded`` what ``load_model_cached(path, device=device)`` returns: a model
+    already in memory that was just saved to ``path`` (an adapted decoder, which shares
+    its base's image encoder) is not read back from the file."""
+    with _CACHED_LOCK:
+        _CACHED.clear()
+        _CACHED[_cache_key(path, None, device)] = loaded

@@ -42,7 +42,7 @@ import numpy as np
 from .._errors import InvalidInputError
 from ..io.provenance import now
 from .from_labels import check_labels_shape, label_masks
-from .training import LOSSES, DecoderTrainer, TrainingObject, single_click_iou
+from .training import DecoderTrainer, TrainingObject, check_loss, single_click_iou
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.segment import Segmenter
@@ -80,8 +80,7 @@ class AdaptSettings:
             raise InvalidInputError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.box_fraction <= 1:
             raise InvalidInputError(f"box_fraction must be in [0, 1], got {self.box_fraction}")
-        if self.loss not in LOSSES:
-            raise InvalidInputError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        check_loss(self.loss)
 
 
 @dataclass

@@ -24,10 +24,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..engine.segment import Segmenter
     from ..models.sam import SamModel
 
-__all__ = ["LOSSES", "DecoderTrainer", "TrainingObject", "first_prompt", "losses",
+__all__ = ["LOSSES", "DecoderTrainer", "check_loss", "TrainingObject", "first_prompt", "losses",
            "single_click_iou"]
 
 LOSSES = ("balanced", "sam")
+
+
+def check_loss(kind: str) -> None:
+    """Raise InvalidInputError unless ``kind`` is one of :data:`LOSSES`."""
+    if kind not in LOSSES:
+        raise InvalidInputError(f"loss must be one of {', '.join(LOSSES)}, got {kind!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,7 +125,7 @@ def losses(logits: "torch.Tensor", iou_pred: "torch.Tensor", target: "torch.Tens
         mask_loss = F.binary_cross_entropy_with_logits(
             logits, t, pos_weight=weight, reduction="none").flatten(1).mean(1)
     else:
-        raise InvalidInputError(f"loss must be one of {', '.join(LOSSES)}, got {kind!r}")
+        check_loss(kind)
     inter = (p * t).flatten(1).sum(1)
     dice = 1 - (2 * inter + 1) / (p.flatten(1).sum(1) + t.flatten(1).sum(1) + 1)
     with torch.no_grad():
@@ -135,10 +141,9 @@ class DecoderTrainer:
 
     def __init__(self, model: "SamModel", decoder: Any, seg: "Segmenter", *,
                  loss: str = "balanced") -> None:
-        if loss not in LOSSES:
-            raise InvalidInputError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        check_loss(loss)
         self.model, self.decoder, self.seg, self.loss = model, decoder, seg, loss
-        self._targets: dict[int, Any] = {}
+        self._targets: dict[TrainingObject, Any] = {}
 
     def target(self, obj: TrainingObject) -> "torch.Tensor":
         """The object's mask in the low-resolution frame, float (s, s)."""
@@ -146,12 +151,11 @@ class DecoderTrainer:
 
         from ..engine.segment import mask_to_logits
 
-        key = id(obj)
-        if key not in self._targets:
+        if obj not in self._targets:  # objects hash by identity
             m = self.model
             low = mask_to_logits(obj.mask, m.image_size, m.mask_input_size) > 0
-            self._targets[key] = torch.as_tensor(low, dtype=torch.float32, device=m.device)
-        return self._targets[key]
+            self._targets[obj] = torch.as_tensor(low, dtype=torch.float32, device=m.device)
+        return self._targets[obj]
 
     def forward(self, obj: TrainingObject, points, labels, box, mask_input, multimask: bool):
         """Low-resolution logits (K, s, s) and predicted IoU (K,) of one prompt."""
