@@ -273,3 +273,28 @@ def test_bias_buffer_is_reused_per_thread_and_shape(vitlike):
     first = encode(x1).clone()
     encode(x2)
     assert torch.equal(encode(x1), first)
+
+
+@pytest.mark.parametrize("hw", [(14, 14), (6, 9)])
+def test_augmented_scores_equal_scaled_scores_plus_rel_pos_bias(vitlike, hw):
+    """The CPU paths fold SAM's decomposed rel-pos bias into q.k: same scores, no bias matrix."""
+    from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+
+    attn = vitlike.image_encoder.blocks[1].attn
+    h, w = hw
+    g = torch.Generator().manual_seed(4)
+    c = attn.rel_pos_h.shape[1]
+    q = torch.randn(2, 3, h * w, c, generator=g)
+    k = torch.randn(2, 3, h * w, c, generator=g)
+    # random tables long enough for this grid (get_rel_pos interpolates otherwise)
+    attn_hw = type("A", (), {"rel_pos_h": torch.randn(2 * h - 1, c, generator=g),
+                              "rel_pos_w": torch.randn(2 * w - 1, c, generator=g),
+                              "scale": attn.scale})
+    q_aug, k_aug = _encoder._augmented_qk(q, k, attn_hw, (h, w))
+    assert q_aug.shape == k_aug.shape == (2, 3, h * w, c + h + w)
+    got = q_aug @ k_aug.transpose(-1, -2)
+    # segment_anything's own: scores of (B * nH, N, C) queries plus the decomposed bias
+    ref = (q * attn.scale) @ k.transpose(-1, -2)
+    ref = add_decomposed_rel_pos(ref.reshape(6, h * w, h * w), q.reshape(6, h * w, c),
+                                 attn_hw.rel_pos_h, attn_hw.rel_pos_w, (h, w), (h, w))
+    torch.testing.assert_close(got.reshape(6, h * w, h * w), ref, rtol=1e-5, atol=1e-4)

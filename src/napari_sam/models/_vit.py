@@ -3,12 +3,15 @@
 The same modules and weights as ``sam.image_encoder``, nothing patched or copied
 (:func:`prepare_encoder` chooses when to use them, per :class:`~.speed.SpeedConfig`):
 
-* attention carries SAM's decomposed relative-position bias as an additive mask: global
-  blocks (4096 tokens for the official models) through ``scaled_dot_product_attention``'s
-  flash kernel, which never forms the 4096 x 4096 probabilities; on the CPU, windows
-  (196 tokens) as three batched matmuls, which beat the flash kernel's tiling there;
-* the bias goes into a buffer kept per thread and shape (a fresh 400 MB one page-faults);
-* under autocast, the residual stream and the neck's layer norms stay float32.
+* on the CPU, SAM's decomposed relative-position bias is folded into the dot product
+  (:func:`_augmented_qk`: queries carry their bias rows, keys one-hot codes of their
+  row and column), so no (heads, N, N) bias is formed: global blocks (4096 tokens for
+  the official models) run in ``scaled_dot_product_attention``'s flash kernel without a
+  mask, windows (196 tokens) as two batched matmuls and a softmax; elsewhere (GPUs) the
+  bias is an additive mask for SDPA, in a buffer kept per thread and shape (a fresh
+  400 MB one page-faults);
+* the residual stream is made contiguous once (``patch_embed`` hands back a permuted
+  view) and, under autocast, stays float32, as do the neck's layer norms.
 """
 
 from __future__ import annotations
@@ -81,10 +84,12 @@ _SMALL_ATTENTION = 1024  # tokens per window up to which attention runs as plain
 
 
 def _attention(attn, x: "torch.Tensor") -> "torch.Tensor":
-    """``segment_anything...image_encoder.Attention.forward`` with one SDPA call.
+    """``segment_anything...image_encoder.Attention.forward``, fused.
 
-    Global attention (4096 tokens) runs in SDPA's flash kernel, which never forms the
-    4096 x 4096 probabilities; on the CPU, windows (196 tokens) as three batched matmuls.
+    On the CPU the relative-position bias is folded into the dot product
+    (:func:`_augmented_qk`): windows (196 tokens) as two batched matmuls and a softmax,
+    global attention (4096 tokens) in SDPA's flash kernel without a mask. Elsewhere (GPUs)
+    one SDPA call with the bias as an additive mask.
     """
     import torch
     import torch.nn.functional as F
@@ -93,18 +98,77 @@ def _attention(attn, x: "torch.Tensor") -> "torch.Tensor":
     n = h * w
     qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # (B, nH, N, C)
-    mask = _rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w)) if attn.use_rel_pos else None
-    if mask is not None and n <= _SMALL_ATTENTION and x.device.type == "cpu":
-        # windows (14 x 14 tokens) on the CPU: three batched matmuls beat the flash
-        # kernel's tiling (19 vs 33 ms per vit_b block); GPUs keep SDPA's kernels
-        nh, c = q.shape[1], q.shape[-1]
-        scores = torch.baddbmm(mask.view(-1, n, n), q.reshape(-1, n, c),
-                               k.reshape(-1, n, c).transpose(1, 2), alpha=attn.scale)
-        out = torch.bmm(scores.softmax(-1).to(v.dtype), v.reshape(-1, n, c)).view(b, nh, n, c)
+    nh, c = q.shape[1], q.shape[-1]
+    if attn.use_rel_pos and x.device.type == "cpu":
+        q_aug, k_aug = _augmented_qk(q, k, attn, (h, w))
+        if n <= _SMALL_ATTENTION:
+            # windows: (25 x 12) x 196 x 196 scores fit in cache; two batched matmuls and
+            # a float32 softmax beat the flash kernel's tiling (29 vs 37 ms per vit_b
+            # block), and v keeps its head size
+            d = q_aug.shape[-1]
+            scores = torch.bmm(q_aug.reshape(-1, n, d), k_aug.reshape(-1, n, d).transpose(1, 2))
+            out = torch.bmm(scores.softmax(-1).to(v.dtype), v.reshape(-1, n, c))
+            out = out.view(b, nh, n, c)
+        else:
+            # global: SDPA's flash kernel needs one head size, so v is zero-padded to the
+            # augmented size and the padded outputs dropped
+            v_pad = F.pad(v, (0, q_aug.shape[-1] - c))
+            out = F.scaled_dot_product_attention(q_aug, k_aug, v_pad, scale=1.0)[..., :c]
     else:
+        mask = _rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w)) if attn.use_rel_pos else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
     out = out.transpose(1, 2).reshape(b, h, w, -1)
     return attn.proj(out)
+
+
+def _augmented_qk(q, k, attn, hw: tuple[int, int]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Queries and keys whose dot product is SAM's scaled score plus its rel-pos bias.
+
+    The bias of query ``i`` and key ``j = (kh, kw)`` is ``rel_h[i, kh] + rel_w[i, kw]``
+    (``add_decomposed_rel_pos``): a matrix of rank at most ``h + w``. Appending
+    ``rel_h[i]`` and ``rel_w[i]`` to each scaled query and the one-hot codes of ``kh``
+    and ``kw`` to each key gives ``scale * q.k + bias`` as one dot product, so the
+    (nH, N, N) bias is never formed (400 MB in bf16 per vit_b global layer, written and
+    read again) and bias and score are summed in the matmul's float32 accumulator rather
+    than rounded to bf16 first. (B, nH, N, C) in, (B, nH, N, C + h + w) out.
+    """
+    import torch
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    h, w = hw
+    b, nh, n, c = q.shape
+    rh = get_rel_pos(h, h, attn.rel_pos_h).to(q.dtype)  # (h, kh, C)
+    rw = get_rel_pos(w, w, attn.rel_pos_w).to(q.dtype)  # (w, kw, C)
+    r_q = q.reshape(b, nh, h, w, c)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).reshape(b, nh, n, h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(b, nh, n, w)
+    q_aug = torch.cat([q * attn.scale, rel_h, rel_w], dim=-1)
+    codes = _key_codes(h, w, q.dtype, q.device).expand(b, nh, n, h + w)
+    return q_aug, torch.cat([k, codes], dim=-1)
+
+
+_CODES: dict = {}
+_CODES_LOCK = threading.Lock()
+
+
+def _key_codes(h: int, w: int, dtype, device) -> "torch.Tensor":
+    """One-hot codes of each key's row and column, (h * w, h + w), cached per shape."""
+    import torch
+
+    key = (h, w, dtype, str(device))
+    with _CODES_LOCK:
+        codes = _CODES.get(key)
+    if codes is None:
+        rows = torch.arange(h * w, device=device) // w
+        cols = torch.arange(h * w, device=device) % w
+        codes = torch.zeros(h * w, h + w, dtype=dtype, device=device)
+        codes[torch.arange(h * w), rows] = 1
+        codes[torch.arange(h * w), h + cols] = 1
+        with _CODES_LOCK:
+            if len(_CODES) > 8:
+                _CODES.clear()
+            _CODES[key] = codes
+    return codes
 
 
 def _block(blk, x: "torch.Tensor", fused: bool) -> "torch.Tensor":
@@ -191,7 +255,11 @@ def prepare_encoder(sam: "Sam", config: SpeedConfig) -> Callable[["torch.Tensor"
         x = encoder.patch_embed(x)
         if encoder.pos_embed is not None:
             x = x + encoder.pos_embed
-        x = x.float()  # the residual stream stays float32 under autocast
+        # the residual stream stays float32 under autocast, and contiguous: patch_embed
+        # returns a permuted (NCHW-strided) view, and every layer norm and residual add
+        # of all blocks would otherwise walk channels 4096 elements apart (0.6 s of 2 s
+        # per vit_b slice on a CPU)
+        x = x.float().contiguous()
         for blk in encoder.blocks:
             x = _block(blk, x, fused)
         return _neck(encoder.neck, x.permute(0, 3, 1, 2)).float()

@@ -10,9 +10,10 @@ The reference path is ``sam.image_encoder(sam.preprocess(x))`` in float32, exact
 through a functional re-implementation of ``ImageEncoderViT.forward``
 (:mod:`napari_sam.models._vit`) that
 
-* computes each block's attention with the decomposed relative-position bias as an
-  additive mask: ``torch.nn.functional.scaled_dot_product_attention`` for global blocks
-  (and on GPUs), three batched matmuls for windows on the CPU (``fused_attention``);
+* computes each block's attention with the decomposed relative-position bias folded in
+  (``fused_attention``): on the CPU into the queries and keys (global blocks through
+  ``torch.nn.functional.scaled_dot_product_attention`` without a mask, windows as batched
+  matmuls), on GPUs as SDPA's additive mask; the residual stream is kept contiguous;
 * optionally runs under ``torch.autocast`` in bfloat16 / float16 (``autocast``); the
   residual stream, the layer norms of the neck and the returned features stay float32;
 * optionally wraps that function in ``torch.compile`` (``compile``).
@@ -68,8 +69,9 @@ class SpeedConfig:
     Attributes
     ----------
     fused_attention : bool
-        One ``scaled_dot_product_attention`` call per attention layer, with SAM's
-        decomposed relative-position bias as an additive mask. Same math as the
+        The fused encoder of :mod:`napari_sam.models._vit`: SAM's decomposed
+        relative-position bias folded into the attention's dot product on the CPU (an
+        additive SDPA mask on GPUs), a contiguous residual stream. Same math as the
         reference; float32 results agree to float rounding.
     autocast : {None, "bf16", "fp16", "auto"}
         Run the encoder under ``torch.autocast`` in that precision. ``"auto"`` is resolved
