@@ -14,7 +14,9 @@ Run::
 
 Targets (issue "Speed"):
 
-* CPU embedding >= 3x faster than the FP32 eager SamPredictor;
+* CPU embedding >= 3x (goal 4x) faster than the FP32 eager SamPredictor, best run
+  against best run (medians printed too), and at most 2.5 s per vit_b slice; the
+  fraction of this machine's bf16 matmul rate (measured in the same run) is printed;
 * masks from fast embeddings vs FP32 on the DSB2018 slice, random prompts:
   median IoU >= 0.99, 5th percentile >= 0.95 (random weights: masks may be degenerate,
   so the embedding relative error is reported too). "IoU" decodes the fast features with
@@ -194,9 +196,13 @@ def bench_embed(args, model, rgb):
     for name in wall:
         row = {
             "wall_s": float(np.median(wall[name])),
+            "wall_min_s": float(np.min(wall[name])),
             "cpu_s": float(np.median(cpu[name])),
             "wall_runs_s": wall[name],
             "cpu_runs_s": cpu[name],
+            # best against best: the minimum of the interleaved runs of each side (a slow
+            # run is the machine's noise or page faults, not the code's speed)
+            "speedup_best": float(np.min(wall["baseline"]) / np.min(wall[name])),
             "speedup_wall": float(np.median(wall["baseline"]) / np.median(wall[name])),
             "speedup_cpu": float(np.median(cpu["baseline"]) / np.median(cpu[name])),
         }
@@ -221,6 +227,30 @@ def bench_embed(args, model, rgb):
         rows[name] = row
     predictor.features = ref
     return {"rows": rows, "prompts": len(prompts), "degenerate_reference_masks": degenerate}
+
+
+def gemm_rate(dtype_name: str, device: str = "cpu") -> float:
+    """FLOP/s of a vit_b MLP-sized matrix product (4096 x 768 @ 768 x 3072) in ``dtype``.
+
+    The best of a few runs: what this machine's matmul kernels reach in this process, the
+    practical peak that "fraction of peak" is measured against (a CPU's nominal peak is
+    rarely reachable, and its clock under load is not known here).
+    """
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(4096, 768, device=device).to(dtype)
+    b = torch.randn(768, 3072, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(6):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * 4096 * 768 * 3072 / best
 
 
 def _describe(cfg) -> str:
@@ -313,7 +343,7 @@ def bench_gpu_batches(args, model, rgb):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small model (smoke test)")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
     ap.add_argument("--prompts", type=int, default=40, help="random prompts for the IoU check")
     ap.add_argument("--decode-prompts", type=int, default=40)
     ap.add_argument("--decode-rounds", type=int, default=3)
@@ -356,6 +386,8 @@ def main(argv=None):
         "encoder_tflop_per_slice": encoder_flops(model.architecture) / 1e12,
     }
     result["embed"] = bench_embed(args, model, rgb)
+    if model.device.type == "cpu":
+        result["gemm_tflops"] = {d: gemm_rate(d) / 1e12 for d in ("float32", "bfloat16")}
     result["decode"] = bench_decode(args, rgb)
     if model.device.type == "cuda":
         result["gpu_batches"] = bench_gpu_batches(args, model, rgb)
@@ -363,7 +395,7 @@ def main(argv=None):
     rows = result["embed"]["rows"]
     print(f"{result['model']} on {result['device']} ({result['machine']}, {result['cpus']} cpus, "
           f"{result['torch_threads']} threads); image {image}")
-    print(f"{'path':34s} {'wall s':>7s} {'cpu s':>7s} {'x wall':>7s} {'x cpu':>6s} "
+    print(f"{'path':34s} {'min s':>6s} {'med s':>6s} {'x best':>6s} {'x med':>6s} {'x cpu':>6s} "
           f"{'maxerr':>8s} {'meanerr':>8s} {'IoU p50':>7s} {'IoU p5':>7s} {'e2e p50':>7s} {'e2e p5':>7s}")
     for name, r in rows.items():
         extra = ""
@@ -371,8 +403,19 @@ def main(argv=None):
             extra = (f" {r['embed_max_abs_over_mean_abs']:8.1e} {r['embed_mean_abs_over_mean_abs']:8.1e}"
                      f" {r['iou_median']:7.3f} {r['iou_p5']:7.3f}"
                      f" {r['e2e_iou_median']:7.3f} {r['e2e_iou_p5']:7.3f}")
-        print(f"{name:34s} {r['wall_s']:7.2f} {r['cpu_s']:7.2f} {r['speedup_wall']:7.2f} "
-              f"{r['speedup_cpu']:6.2f}{extra}")
+        print(f"{name:34s} {r['wall_min_s']:6.2f} {r['wall_s']:6.2f} {r['speedup_best']:6.2f} "
+              f"{r['speedup_wall']:6.2f} {r['speedup_cpu']:6.2f}{extra}")
+    tflop = result["encoder_tflop_per_slice"]
+    for r in rows.values():
+        r["tflops_best"] = tflop / r["wall_min_s"]
+    if "gemm_tflops" in result:
+        g = result["gemm_tflops"]
+        print(f"encoder: {tflop:.2f} TFLOP per slice; this machine's matmul rate in this run: "
+              f"float32 {g['float32']:.2f}, bf16 {g['bfloat16']:.2f} TFLOP/s")
+        for name, r in rows.items():
+            r["fraction_of_bf16_gemm"] = r["tflops_best"] / g["bfloat16"]
+            print(f"  {name:32s} {r['tflops_best']:.2f} TFLOP/s (best run) = "
+                  f"{100 * r['fraction_of_bf16_gemm']:.0f}% of the bf16 matmul rate")
     print(f"({result['embed']['degenerate_reference_masks']} of {result['embed']['prompts']} reference "
           "masks are empty or full)")
     for label, d in result["decode"].items():
@@ -385,7 +428,10 @@ def main(argv=None):
               f"{d['max_memory_GiB']:.1f} GiB")
     auto = next(r for n, r in rows.items() if n.startswith("auto"))
     result["targets"] = {
-        "embedding >= 3x (auto, wall)": auto["speedup_wall"] >= 3,
+        "embedding >= 3x (auto, best against best)": auto["speedup_best"] >= 3,
+        "embedding >= 4x (auto, best against best; goal)": auto["speedup_best"] >= 4,
+        "embedding <= 2.5 s per slice (auto, best run)": auto["wall_min_s"] <= 2.5,
+        "embedding >= 3x (auto, medians)": auto["speedup_wall"] >= 3,
         "embedding >= 3x (auto, cpu time)": auto["speedup_cpu"] >= 3,
         "IoU median >= 0.99 (auto encoder + auto decoder)": auto["e2e_iou_median"] >= 0.99,
         "IoU p5 >= 0.95 (auto encoder + auto decoder)": auto["e2e_iou_p5"] >= 0.95,
