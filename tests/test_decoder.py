@@ -239,3 +239,51 @@ def test_cuda_decoder(dtype):
                                                         dense_is_constant=constant)
     agree = float(((logits > 0) == (ref_logits > 0)).float().mean())
     assert agree >= (0.9999 if dtype == "float32" else 0.99)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_early_rejection_keeps_exact_logits_and_skips_the_rest(sam, dtype):
+    """min_score: prompts with no mask scored above it are not upscaled (NaN logits); the
+    others' logits and every score are those of a full decode, bit for bit."""
+    feats = _features(seed=2)
+    g = torch.Generator().manual_seed(3)
+    coords, labels = torch.rand(12, 1, 2, generator=g) * 1000, torch.ones(12, 1, dtype=torch.long)
+    with torch.inference_mode():
+        sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    dec = FastDecoder(sam, dtype)
+    full, iou = dec(feats, sparse, dense, multimask=True, dense_is_constant=True)
+    threshold = float(iou.amax(dim=1).median())  # about half the prompts pass
+    got, got_iou = dec(feats, sparse, dense, multimask=True, dense_is_constant=True, min_score=threshold)
+    kept = iou.amax(dim=1) > threshold
+    assert 0 < int(kept.sum()) < 12
+    assert torch.equal(got_iou, iou)
+    assert torch.equal(got[kept], full[kept])
+    assert torch.isnan(got[~kept]).all()
+    # and against segment-anything's own decoder
+    ref, ref_iou = _reference(sam, feats, sparse, dense, True)
+    if dtype == torch.float32:
+        assert torch.allclose(got[kept], ref[kept], atol=1e-4, rtol=1e-4)
+        assert torch.allclose(got_iou, ref_iou, atol=1e-5)
+
+
+def test_segment_everything_fast_equals_reference_decoder(tiny_model, synthetic_stack):
+    """auto_masks through the fast decoder (folded attention, early rejection, fp32 as in
+    batch jobs) finds the masks segment-anything's decoder finds, in the same order."""
+    from napari_sam.workflows import auto
+
+    stack = ns.open_stack(synthetic_stack)
+    ref_seg = ns.Segmenter(tiny_model, stack, speed="off")
+    fast_seg = ns.Segmenter(tiny_model, stack, speed="fused")
+    everything = auto.auto_masks(ref_seg, 2, points_per_side=6, pred_iou_thresh=-100.0,
+                                 stability_score_thresh=0.0, box_nms_thresh=1.0)
+    half = float(np.median([m.score for m in everything]))
+    opts = dict(points_per_side=6, pred_iou_thresh=half, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    ref = auto.auto_masks(ref_seg, 2, **opts)
+    got = auto.auto_masks(fast_seg, 2, **opts)
+    assert 0 < len(ref) < len(everything)
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        assert a.score == pytest.approx(b.score, abs=1e-4)
+        fa, fb = a.full(stack.slice_shape), b.full(stack.slice_shape)
+        # float rounding may flip a pixel whose logit is ~0, nothing more
+        assert np.count_nonzero(fa != fb) <= max(2, 0.001 * fb.sum())

@@ -220,7 +220,8 @@ class Segmenter:
 
     # ------------------------------------------------------------------ prompts
     def predict_many(self, index: int, prompts: Sequence[Prompt], *,
-                     multimask: bool | None = None) -> list[Prediction]:
+                     multimask: bool | None = None,
+                     min_score: float | None = None) -> list[Prediction]:
         """Decode several objects' prompts on slice ``index``, batched.
 
         Prompts of one kind (number of points, box or not, mask input or not) go through
@@ -236,6 +237,10 @@ class Segmenter:
         multimask : bool, optional
             Three candidate masks (True) or one (False) for every prompt; default SAM's
             rule per prompt (:attr:`Prompt.multimask`: three for a lone click).
+        min_score : float, optional
+            Early rejection for callers that drop low-scored masks anyway (segment
+            everything): a prediction none of whose scores is above it may have NaN
+            logits (it was not upscaled); its scores are exact.
 
         Returns
         -------
@@ -261,7 +266,7 @@ class Segmenter:
                 point_labels=np.stack([p.labels for p in group]) if n else None,
                 boxes=np.stack([p.box for p in group]) if has_box else None,
                 mask_input=np.stack([p.mask_input for p in group]) if has_mask else None,
-                multimask=mm, speed=self.cache.speed)
+                multimask=mm, speed=self.cache.speed, min_score=min_score)
             logits, scores = low.numpy(), iou.numpy()
             for j, i in enumerate(members):
                 out[i] = Prediction(scores=scores[j], logits=logits[j],

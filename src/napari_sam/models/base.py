@@ -86,13 +86,14 @@ class PromptableModel(Protocol):
         """Embeddings of (Y, X, 3) uint8 slices, one per slice."""
 
     def decode(self, emb: Embedding, *, points: Any, point_labels: Any, boxes: Any,
-               mask_input: Any, multimask: bool, speed: "SpeedConfig"
-               ) -> tuple["torch.Tensor", "torch.Tensor"]:
+               mask_input: Any, multimask: bool, speed: "SpeedConfig",
+               min_score: float | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
         """B prompt sets on one embedding -> logits (B, K, s, s) and scores (B, K), on the CPU.
 
         Coordinates are (y, x) pixels of the slice: points (B, N, 2) with labels (B, N)
         (1, 0, or -1 for padding), boxes (B, 4) as (y0, x0, y1, x1), mask_input
-        (B, 1, s, s) logits; any of them may be None.
+        (B, 1, s, s) logits; any of them may be None. With ``min_score``, prompts with
+        no mask scored above it may come back with NaN logits (not upscaled).
         """
 
     @property

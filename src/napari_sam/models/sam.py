@@ -163,7 +163,8 @@ class SamModel:
             return self.sam.preprocess(x), (int(x.shape[-2]), int(x.shape[-1]))
 
     def decode(self, emb: Embedding, *, points=None, point_labels=None, boxes=None,
-               mask_input=None, multimask: bool, speed: "SpeedConfig | None" = None):
+               mask_input=None, multimask: bool, speed: "SpeedConfig | None" = None,
+               min_score: float | None = None):
         """SAM's prompt encoder and mask decoder for B prompt sets on one embedding.
 
         The same calls as ``SamPredictor.predict_torch``; the one place where prompts meet
@@ -182,6 +183,10 @@ class SamModel:
             Low-resolution logits of earlier predictions.
         speed : SpeedConfig, optional
             Default :meth:`speed_config`; ``speed.OFF`` runs ``sam.mask_decoder`` itself.
+        min_score : float, optional
+            Early rejection (fast decoder only): prompts with no returned mask scored
+            above this are not upscaled, and their logits are NaN; the others' logits
+            are unchanged. The reference decoder decodes every prompt.
 
         Returns
         -------
@@ -203,7 +208,7 @@ class SamModel:
 
                 fast = decoder_for(sam, decoder_dtype(self.device, cfg))
                 low_res, iou = fast(emb.features, sparse, dense, multimask=multimask,
-                                    dense_is_constant=mask_t is None)
+                                    dense_is_constant=mask_t is None, min_score=min_score)
             else:
                 low_res, iou = sam.mask_decoder(
                     image_embeddings=emb.features,

@@ -82,7 +82,9 @@ def auto_masks(
     found: list[AutoMask] = []
     for start in range(0, len(points), points_per_batch):
         chunk = points[start:start + points_per_batch]
-        preds = seg.predict_many(index, [Prompt.of(points=p[None]) for p in chunk], multimask=True)
+        # early rejection: prompts with no mask above the threshold are never upscaled
+        preds = seg.predict_many(index, [Prompt.of(points=p[None]) for p in chunk], multimask=True,
+                                 min_score=pred_iou_thresh)
         low = np.concatenate([p.logits for p in preds])
         iou = np.concatenate([p.scores for p in preds])
         keep = np.flatnonzero(iou > pred_iou_thresh)

@@ -339,7 +339,8 @@ class TiledSegmenter:
         return self.tiles.tile_for(*prompt.extent())
 
     def predict_many(self, index: int, prompts: Sequence[Prompt], *,
-                     multimask: bool | None = None) -> "list[Prediction]":
+                     multimask: bool | None = None,
+                     min_score: float | None = None) -> "list[Prediction]":
         """As :meth:`Segmenter.predict_many`; masks are full-slice (Y, X), logits the tile's.
         One batched call per tile used."""
         from ..engine.segment import Prediction
@@ -352,7 +353,7 @@ class TiledSegmenter:
             t = self.tiles.tiles[k]
             local = [prompts[n].shifted(t.y0, t.x0) for n in members]
             preds = self.inner.predict_many(self.tiles.view_index(index, k), local,
-                                            multimask=multimask)
+                                            multimask=multimask, min_score=min_score)
             for n, p in zip(members, preds):
                 out[n] = Prediction(scores=p.scores, logits=p.logits, best=p.best,
                                     _upsample=lambda lg, p=p, t=t: self._paste(p._upsample(lg), t),
