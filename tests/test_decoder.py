@@ -287,3 +287,27 @@ def test_segment_everything_fast_equals_reference_decoder(tiny_model, synthetic_
         fa, fb = a.full(stack.slice_shape), b.full(stack.slice_shape)
         # float rounding may flip a pixel whose logit is ~0, nothing more
         assert np.count_nonzero(fa != fb) <= max(2, 0.001 * fb.sum())
+
+
+def test_float32_decoder_does_not_depend_on_the_thread_count(sam):
+    """Batch jobs decode in float32 so that a run with other threads (a resumed job, a
+    cluster worker) paints the same labels: no sum may be split differently per thread.
+    (Power-of-two thread counts: with 3, torch's elementwise exp splits a tensor off its
+    SIMD width and may round a few values differently in the last bit.)"""
+    feats = _features(seed=4)
+    prompts = {kind: _prompts(sam, kind, seed=5) for kind in ("points", "batch+box", "points+mask")}
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 4, 1):
+            torch.set_num_threads(threads)
+            for kind, (sparse, dense, constant) in prompts.items():
+                dec = FastDecoder(sam, torch.float32)
+                logits, iou = dec(feats, sparse, dense, multimask=True, dense_is_constant=constant)
+                outs.append((threads, kind, logits, iou))
+    finally:
+        torch.set_num_threads(before)
+    first = {kind: (logits, iou) for threads, kind, logits, iou in outs if threads == 1}
+    for threads, kind, logits, iou in outs:
+        assert torch.equal(logits, first[kind][0]), (threads, kind)
+        assert torch.equal(iou, first[kind][1]), (threads, kind)

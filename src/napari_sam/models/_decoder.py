@@ -221,17 +221,23 @@ class FastDecoder:
         applied as a product of its own, so ``keys + pos`` is never formed per prompt.
         """
         import torch
+        import torch.nn.functional as F
 
         n = attn.num_heads
         b, t, _ = queries.shape
         c = keys.shape[-1]
         d = attn.internal_dim // n
         q = attn.q_proj(queries).reshape(b, t, n, d).transpose(1, 2) * d**-0.5  # (B, n, T, d)
-        qt = torch.matmul(q, attn.k_proj.weight.view(n, d, c)).reshape(b, n * t, c)
-        scores = torch.matmul(qt, pos.transpose(-1, -2))  # (B, nT, HW)
-        scores = torch.baddbmm(scores, qt, keys.expand(b, -1, -1).transpose(-1, -2))
-        probs = scores.softmax(-1)
-        avg = torch.bmm(probs, keys.expand(b, -1, -1)).view(b, n, t, c)
+        # every head's queries against the same image tokens: one attention of n T
+        # queries, image tokens as keys and values, pos as an additive (nT x HW) mask.
+        # SDPA sums over the image tokens in a fixed order (a plain product would let
+        # the BLAS split that long sum across threads: results would then depend on
+        # the thread count, which batch jobs must not)
+        qt = torch.matmul(q, attn.k_proj.weight.view(n, d, c)).reshape(b, 1, n * t, c)
+        bias = torch.matmul(qt, pos.transpose(-1, -2))  # (B, 1, nT, HW)
+        img = keys.expand(b, -1, -1).unsqueeze(1)
+        avg = F.scaled_dot_product_attention(qt, img, img, attn_mask=bias, scale=1.0)
+        avg = avg.view(b, n, t, c)
         out = torch.matmul(avg, attn.v_proj.weight.view(n, d, c).transpose(-1, -2))
         out = out + attn.v_proj.bias.view(n, 1, d)  # (B, n, T, d)
         return attn.out_proj(out.transpose(1, 2).reshape(b, t, n * d))
