@@ -76,7 +76,9 @@ def main(argv=None) -> None:
                                     crop_n_layers=0)
     rgb = stack.rgb(0)
     gen.predictor.set_image(rgb)
-    gen.predictor.set_image = lambda *a, **k: None  # keep the embedding: time decoding only
+    # keep the embedding (the generator sets and resets it per crop): time decoding only
+    gen.predictor.set_image = lambda *a, **k: None
+    gen.predictor.reset_image = lambda: None
 
     sides = {name: (lambda s=seg: auto_masks(s, 0, **opts)) for name, seg in segs.items()}
     if not args.skip_generator:

@@ -323,8 +323,8 @@ class FastDecoder:
         Prompts go through one at a time (``_CHUNK``): each prompt has its own image
         tokens (HW x C float32, 4 MB for the official models) from the first block on,
         and one prompt's stay in memory the allocator reuses; larger groups need fresh,
-        page-faulting memory each time (per prompt on a 2-core CPU: 9.5 ms one at a
-        time, 10-13 ms in groups of 2 to 8, about twice that 64 at once).
+        page-faulting memory each time (per prompt on a 2-core CPU: 13 ms one at a
+        time, 16-19 ms in groups of 2 to 8, 27 ms in groups of 64).
         """
         import torch
 
