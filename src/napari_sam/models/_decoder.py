@@ -1,6 +1,6 @@
 """A faster forward pass of SAM's mask decoder, checked against ``sam.mask_decoder``.
 
-The same modules and weights as the reference ``MaskDecoder.forward``, three changes:
+The same modules and weights as the reference ``MaskDecoder.forward``, four changes:
 
 * **per-slice reuse.** In the first two-way block the image tokens have not met the
   prompt yet, so the token-to-image keys and values depend on the slice alone. They are
@@ -366,7 +366,7 @@ class FastDecoder:
                 src = (features + dense).flatten(2).transpose(1, 2).contiguous()
                 state = self._first_block(w, src)
             # image tokens: the slice's (1, HW, C) until the first image -> token
-            # attention, then one set per prompt (B, HW, C); ``kp`` = keys + pos
+            # attention, then one set per prompt (B, HW, C)
             keys, queries = state["src"], tokens
             for i, layer in enumerate(tr.layers):
                 if layer.skip_first_layer_pe:
