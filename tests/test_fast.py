@@ -298,3 +298,7 @@ def test_augmented_scores_equal_scaled_scores_plus_rel_pos_bias(vitlike, hw):
     ref = add_decomposed_rel_pos(ref.reshape(6, h * w, h * w), q.reshape(6, h * w, c),
                                  attn_hw.rel_pos_h, attn_hw.rel_pos_w, (h, w), (h, w))
     torch.testing.assert_close(got.reshape(6, h * w, h * w), ref, rtol=1e-5, atol=1e-4)
+    # the additive mask the GPU path gives SDPA: the same bias
+    bias = _encoder._rel_pos_bias(q, attn_hw.rel_pos_h, attn_hw.rel_pos_w, (h, w))
+    torch.testing.assert_close((ref - ((q * attn.scale) @ k.transpose(-1, -2)).reshape(6, h * w, h * w)),
+                               bias.reshape(6, h * w, h * w), rtol=1e-5, atol=1e-4)

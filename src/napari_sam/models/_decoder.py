@@ -336,8 +336,6 @@ class FastDecoder:
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                 multimask_output=multimask,
             )
-        if b <= _CHUNK and min_score is None:
-            return self._decode(features, sparse, dense, multimask, dense_is_constant, None)
         masks, ious = [], []
         for s in range(0, b, _CHUNK):
             d = dense if dense_is_constant else dense[s:s + _CHUNK]
@@ -400,10 +398,8 @@ class FastDecoder:
             kept = torch.nonzero(iou.amax(dim=1) > min_score).flatten()
             h, wd = w.grid
             masks = torch.full((b, len(chosen), 4 * h, 4 * wd), float("nan"), device=keys.device)
-            if len(kept):
-                per_prompt = keys.shape[0] == b  # else the slice's keys, shared
-                masks[kept] = self._upscale(w, keys[kept] if per_prompt else keys.expand(len(kept), -1, -1),
-                                            hyper[kept])
+            if len(kept):  # keys: one set per prompt after the first block
+                masks[kept] = self._upscale(w, keys[kept], hyper[kept])
         return masks, iou
 
 

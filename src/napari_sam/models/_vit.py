@@ -29,21 +29,31 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["encoder_for", "prepare_encoder"]
 
 
+def _rel_terms(q: "torch.Tensor", rel_pos_h, rel_pos_w, hw: tuple[int, int]):
+    """The two terms of SAM's decomposed relative-position bias, as in
+    ``add_decomposed_rel_pos``: ``rel_h`` (B, nH, h, w, kh) and ``rel_w`` (B, nH, h, w, kw)
+    of the *unscaled* queries ``q`` (B, nH, N, C)."""
+    import torch
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    h, w = hw
+    b, nh, _, c = q.shape
+    rh = get_rel_pos(h, h, rel_pos_h).to(q.dtype)  # (h, kh, C)
+    rw = get_rel_pos(w, w, rel_pos_w).to(q.dtype)  # (w, kw, C)
+    r_q = q.reshape(b, nh, h, w, c)
+    return torch.einsum("bnhwc,hkc->bnhwk", r_q, rh), torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)
+
+
 def _rel_pos_bias(q: "torch.Tensor", rel_pos_h, rel_pos_w, hw: tuple[int, int]) -> "torch.Tensor":
     """SAM's decomposed relative-position bias as an additive mask, (B, nH, N, N).
 
     ``q`` is (B, nH, N, C) and *unscaled*, as in ``add_decomposed_rel_pos``.
     """
     import torch
-    from segment_anything.modeling.image_encoder import get_rel_pos
 
     h, w = hw
-    b, nh, _, c = q.shape
-    rh = get_rel_pos(h, h, rel_pos_h).to(q.dtype)  # (h, h, C)
-    rw = get_rel_pos(w, w, rel_pos_w).to(q.dtype)  # (w, w, C)
-    r_q = q.reshape(b, nh, h, w, c)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)  # (B, nH, h, w, kh)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)  # (B, nH, h, w, kw)
+    b, nh = q.shape[:2]
+    rel_h, rel_w = _rel_terms(q, rel_pos_h, rel_pos_w, hw)
     # written straight into a contiguous buffer: einsum's outputs are permuted views, and a
     # plain ``+`` would inherit their layout and cost a second 4096 x 4096 x nH copy
     # (under torch.compile the fused kernel writes it contiguously anyway)
@@ -133,16 +143,11 @@ def _augmented_qk(q, k, attn, hw: tuple[int, int]) -> tuple["torch.Tensor", "tor
     than rounded to bf16 first. (B, nH, N, C) in, (B, nH, N, C + h + w) out.
     """
     import torch
-    from segment_anything.modeling.image_encoder import get_rel_pos
 
     h, w = hw
-    b, nh, n, c = q.shape
-    rh = get_rel_pos(h, h, attn.rel_pos_h).to(q.dtype)  # (h, kh, C)
-    rw = get_rel_pos(w, w, attn.rel_pos_w).to(q.dtype)  # (w, kw, C)
-    r_q = q.reshape(b, nh, h, w, c)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).reshape(b, nh, n, h)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(b, nh, n, w)
-    q_aug = torch.cat([q * attn.scale, rel_h, rel_w], dim=-1)
+    b, nh, n, _ = q.shape
+    rel_h, rel_w = _rel_terms(q, attn.rel_pos_h, attn.rel_pos_w, hw)
+    q_aug = torch.cat([q * attn.scale, rel_h.reshape(b, nh, n, h), rel_w.reshape(b, nh, n, w)], dim=-1)
     codes = _key_codes(h, w, q.dtype, q.device).expand(b, nh, n, h + w)
     return q_aug, torch.cat([k, codes], dim=-1)
 
